@@ -1,0 +1,48 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from axpo.config import Config, ConfigError, load_config, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["rl.steps=7", "algo.axpo=false", "optim.betas=[0.8, 0.9]", "model.tiny.num_layers=2"])
+    assert isinstance(cfg, Config)
+    assert cfg.rl.steps == 7 and cfg.algo.axpo is False and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.model.tiny.num_layers == 2
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("algo:\n  credit: soft\n  creditt: tree\n")
+    with pytest.raises(ConfigError, match=r"algo\.creditt"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"unknown config key nope"):
+        load_config(None, ["nope.x=1"])
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"rl\.steps"):
+        load_config(None, ["rl.steps=abc"])
+
+
+def test_cli_forms():
+    cfg, _ = parse_args(["--output-dir", "/tmp/x", "--rl.steps", "3", "--sft.steps=2", "algo.beta=0.1"])
+    assert cfg.trainer.output_dir == "/tmp/x" and cfg.rl.steps == 3 and cfg.sft.steps == 2
+    assert cfg.algo.beta == 0.1
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    load_config(ROOT / "configs" / name)
+
+
+def test_train_help_lists_groups():
+    out = subprocess.run([sys.executable, str(ROOT / "axpo" / "train.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for group in ("model", "data", "tools", "rollout", "algo", "optim", "sft", "rl", "trainer"):
+        assert f"  {group} " in out
