@@ -118,7 +118,8 @@ class TrainerConfig:
     output_dir: str = "runs/default"
     checkpoint_every: int = 10
     resume: bool = False
-    eval_every: int = 0                       # 0 = evaluate before and after RL only
+    init_from: str | None = None              # start from these weights (DCP checkpoint or HF folder); skips SFT
+    evaluate: bool = True                     # Pass@k on held-out questions after SFT and after RL
     eval_samples: int = 4                     # n samples per question for Pass@k
     log_every: int = 1
     tensorboard: bool = True

@@ -1,0 +1,104 @@
+"""Pass@k evaluation of a policy on held-out questions, with tool-use and tool-error rates.
+
+Pass@k uses the unbiased estimator from n >= k samples per question (Chen et al., 2021):
+`1 - C(n - c, k) / C(n, k)` for c correct samples, averaged over questions.
+
+Command line (any checkpoint: a DCP checkpoint folder of a run, or a Hugging Face folder):
+    python -m axpo.eval --checkpoint runs/default/checkpoints/step_rl_000020 [--config ...] [key=value ...]
+    python -m axpo.eval --checkpoint runs/default/hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+
+from axpo.agent.loop import AgentLoop
+from axpo.distributed import Dist, all_gather_objects
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    if n < k:
+        raise ValueError(f"pass@{k} needs at least {k} samples per question, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d: Dist | None = None,
+             step: int = 10**6) -> dict:
+    """Each rank evaluates its slice of `samples`; results are gathered so every rank returns the
+    same numbers. `step` only seeds sampling (kept apart from training steps)."""
+    d = d or Dist()
+    mine = samples[d.rank::d.world]
+    per_q, calls, errors, used, total = [], 0, 0, 0, 0
+    per_task = defaultdict(list)
+    chunk = 8
+    for i in range(0, len(mine), chunk):
+        batch = mine[i:i + chunk]
+        trajs = loop.rollout(batch, n, step=step, group_offset=i)
+        loop.release(trajs)
+        for j, s in enumerate(batch):
+            ts = [t for t in trajs if t.group == i + j]
+            c = sum(reward_fn(t) > 0 for t in ts)
+            per_q.append((len(ts), c))
+            per_task[s.task].append((len(ts), c))
+            used += sum(t.used_tool for t in ts)
+            total += len(ts)
+            calls += sum(len(t.tool_calls) for t in ts)
+            errors += sum(c2.error is not None for t in ts for c2 in t.tool_calls)
+    parts = all_gather_objects((per_q, dict(per_task), calls, errors, used, total), d)
+    per_q = [x for p in parts for x in p[0]]
+    per_task = defaultdict(list)
+    for p in parts:
+        for k, v in p[1].items():
+            per_task[k] += v
+    calls, errors, used, total = (sum(p[i] for p in parts) for i in range(2, 6))
+    out = {}
+    for k in ks:
+        if n >= k:
+            out[f"pass@{k}"] = sum(pass_at_k(a, c, k) for a, c in per_q) / max(1, len(per_q))
+            for task, qs in per_task.items():
+                out[f"{task}/pass@{k}"] = sum(pass_at_k(a, c, k) for a, c in qs) / max(1, len(qs))
+    out["tool_use_rate"] = used / max(1, total)
+    out["tool_error_rate"] = errors / max(1, calls)
+    out["questions"] = len(per_q)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="DCP checkpoint folder or Hugging Face folder")
+    ap.add_argument("--config", default=None, help="run config (default: the run's config.yaml next to "
+                                                    "the checkpoint, else built-in defaults)")
+    ap.add_argument("--samples", type=int, default=4, help="n samples per question")
+    ap.add_argument("--data-file", default=None, help="user JSONL/parquet instead of built-in held-out tasks")
+    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    from axpo.trainer import Trainer, config_for_checkpoint
+
+    cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
+    if args.data_file:
+        cfg.data.eval_file = args.data_file
+    cfg.trainer.eval_samples = args.samples
+    cfg.trainer.evaluate = True
+    trainer = Trainer(cfg, for_eval=True)
+    try:
+        trainer.load_policy(args.checkpoint)
+        result = trainer.evaluate("checkpoint")
+        if trainer.d.main:
+            text = json.dumps(result, indent=1)
+            print(text)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write(text + "\n")
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,137 @@
+"""Run logging on rank 0: `metrics.jsonl` (one object per step), TensorBoard, optional wandb, a tqdm
+progress bar with the key numbers, and at the end PNG plots and a short `summary.md`."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+KEY_METRICS = ("loss", "reward", "accuracy", "tool_use_rate", "trigger_rate")
+PLOTS = ("reward", "accuracy", "tool_use_rate", "all_wrong_rate", "entropy")
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool = True, wandb: bool = False,
+                 config: dict | None = None, resume: bool = False):
+        self.dir = Path(run_dir)
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        if not resume and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.dir / "tensorboard"))
+        if wandb:
+            import wandb as wb
+
+            self.wandb = wb.init(project="axpo", dir=str(self.dir), config=config, resume="allow")
+
+    def start_stage(self, stage: str, total: int, initial: int = 0) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = tqdm(total=total, initial=initial, desc=stage, dynamic_ncols=True, leave=True)
+
+    def log(self, stage: str, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"stage": stage, "step": step, "time": time.time(),
+               **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        # Append-only; after a resume, rows of re-run steps repeat and read_metrics keeps the last.
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        gstep = step if stage == "sft" else 100000 + step
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                if self.tb is not None:
+                    self.tb.add_scalar(f"{stage}/{k}", v, gstep)
+        if self.wandb is not None:
+            self.wandb.log({f"{stage}/{k}": v for k, v in metrics.items()}, step=gstep)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in KEY_METRICS if k in metrics})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Rows of metrics.jsonl; for a resumed run, the last row of each (stage, step) wins."""
+    rows = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            rows[(r["stage"], r["step"])] = r
+    return sorted(rows.values(), key=lambda r: (r["stage"] != "sft", r["step"]))
+
+
+def plot_run(run_dir: str | Path, stage: str = "rl") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(run_dir) if r["stage"] == stage]
+    out = []
+    for key in PLOTS:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3)
+        ax.set_xlabel(f"{stage} step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(run_dir) / f"{stage}_{key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def write_summary(run_dir: str | Path, *, evals: dict, wall_time: float, config_name: str) -> Path:
+    rows = read_metrics(run_dir)
+    rl = [r for r in rows if r["stage"] == "rl"]
+    lines = [f"# Run summary ({config_name})", "", f"Wall time: {wall_time / 60:.1f} min", ""]
+    if evals:
+        keys = sorted({k for e in evals.values() for k in e})
+        lines += ["## Evaluation (held-out built-in tasks)", "",
+                  "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for name, e in evals.items():
+            lines.append(f"| {name} | " + " | ".join(f"{e.get(k, float('nan')):.3f}" for k in keys) + " |")
+        lines.append("")
+    if rl:
+        def avg(rs, k):
+            v = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
+            return sum(v) / len(v) if v else float("nan")
+
+        q = max(1, len(rl) // 4)
+        lines += ["## RL (first vs last quarter of steps)", "", "| metric | first | last |", "|---|---|---|"]
+        for k in ("reward", "accuracy", "tool_use_rate", "tool_error_rate", "all_wrong_rate", "trigger_rate",
+                  "resample_success_rate", "extra_token_share", "entropy"):
+            lines.append(f"| {k} | {avg(rl[:q], k):.3f} | {avg(rl[-q:], k):.3f} |")
+        lines.append("")
+    path = Path(run_dir) / "summary.md"
+    path.write_text("\n".join(lines))
+    return path

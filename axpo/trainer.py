@@ -1,0 +1,288 @@
+"""The run: SFT on demonstrations -> evaluation -> RL (AXPO or GRPO) -> evaluation -> export.
+
+Each rank holds an FSDP2 shard of the policy for training and a full copy inside its rollout
+engine; after every optimiser step the engine receives the gathered weights. Each rank rolls out
+its share of the step's questions (whole groups, so AXPO's trigger and budget are rank-local).
+
+Determinism: the questions of a step, the demonstrations of an SFT step and every sampling seed are
+functions of (seed, stage, step, question), so a resumed run replays exactly the steps an
+uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from axpo import distributed
+from axpo.agent.format import AgentFormat
+from axpo.agent.loop import AgentLoop
+from axpo.algo.credit import loss_masks, sequence_advantages, token_advantages
+from axpo.algo.resample import expand
+from axpo.batching import micro_batches
+from axpo.checkpoint import Checkpointer, export_hf, load_model_weights
+from axpo.config import Config, StageConfig, load_config, to_dict
+from axpo.eval import evaluate
+from axpo.metrics import MetricsLogger, plot_run, write_summary
+from axpo.models import load_model_and_processor
+from axpo.policy import PolicyModel, pack
+from axpo.rollout.engine import Engine
+from axpo.sft import encode_demo
+from axpo.sources import build_sources
+from axpo.update import policy_update
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def config_for_checkpoint(checkpoint: str, config: str | None, overrides: list[str]) -> Config:
+    """The config a checkpoint was trained with (run_dir/config.yaml), unless one is given."""
+    if config is None:
+        for p in (Path(checkpoint).parent.parent / "config.yaml", Path(checkpoint) / "config.yaml"):
+            if p.exists():
+                config = str(p)
+                break
+    return load_config(config, overrides)
+
+
+def _permuted(n: int, seed: int, epoch: int) -> list[int]:
+    idx = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(idx)
+    return idx
+
+
+def take(n_items: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Indices of step `step` (0-based) in a stream of per-epoch permutations: deterministic and
+    position-only, so resuming needs nothing but the step number."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, n_items)
+        out.append(_permuted(n_items, seed, epoch)[pos])
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, for_eval: bool = False):
+        self.cfg = cfg
+        self.d = distributed.init()
+        self.run_dir = Path(cfg.trainer.output_dir)
+        torch.manual_seed(cfg.trainer.seed + self.d.rank)
+        random.seed(cfg.trainer.seed + self.d.rank)
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True)
+        if cfg.rollout.engine != "builtin":
+            raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: only the built-in engine exists so far")
+        dtype = DTYPES[cfg.model.dtype]
+        model, self.processor = load_model_and_processor(
+            cfg.model.name, seed=cfg.trainer.seed, tiny=cfg.model.tiny, dtype=dtype,
+            attn_implementation=None if cfg.model.name == "tiny" else cfg.model.attn_implementation)
+        model.to(self.d.device)
+        self.fmt = AgentFormat(self.processor)
+        self.src = build_sources(cfg, self.fmt)
+        # The engine decodes with its own full copy of the weights; training uses the shards.
+        self.engine = Engine(copy.deepcopy(model).eval(), block_size=cfg.rollout.block_size,
+                             max_kv_tokens=cfg.rollout.max_kv_tokens, device=self.d.device)
+        self.loop = AgentLoop(self.engine, self.fmt, self.src.tools, cfg.rollout, seed=cfg.trainer.seed)
+        if cfg.model.freeze_vision:
+            model.model.visual.requires_grad_(False)
+        self.policy = distributed.shard(PolicyModel(model), self.d, mixed_precision=dtype == torch.float32,
+                                        activation_checkpointing=cfg.model.activation_checkpointing)
+        self.ckpt = Checkpointer(self.run_dir, self.d)
+        self.log = MetricsLogger(self.run_dir, enabled=self.d.main and not for_eval,
+                                 tensorboard=cfg.trainer.tensorboard, wandb=cfg.trainer.wandb,
+                                 config=to_dict(cfg), resume=cfg.trainer.resume)
+        if self.d.main and not for_eval:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.optimizer = None
+        self.scheduler = None
+        self._demo_cache: dict[int, object] = {}
+
+    # -- building blocks --------------------------------------------------------------------
+
+    def _make_optimizer(self, stage: StageConfig) -> None:
+        o = self.cfg.optim
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=stage.lr or o.lr, betas=o.betas,
+                                           weight_decay=o.weight_decay, foreach=False)
+        warm = max(1, o.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+
+    def sync_engine(self) -> None:
+        self.engine.load_weights(distributed.full_state_dict(self.policy))
+
+    def load_policy(self, path: str) -> None:
+        """A DCP checkpoint folder or a Hugging Face folder, into the policy and the engine."""
+        p = Path(path)
+        if (p / "config.json").exists():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            from transformers import AutoModelForImageTextToText
+
+            hf = AutoModelForImageTextToText.from_pretrained(str(p))
+            # Full tensors with the policy's names; torch distributes them into the local shards.
+            names = {k.replace("_checkpoint_wrapped_module.", "")[len("hf."):]: k
+                     for k in self.policy.state_dict()}
+            sd = {names[k]: v for k, v in hf.state_dict().items() if k in names}
+            set_model_state_dict(self.policy, sd, options=StateDictOptions(full_state_dict=True))
+        else:
+            load_model_weights(self.policy, p)
+        self.sync_engine()
+
+    # -- stages -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        t0 = time.time()
+        cfg = self.cfg
+        stage, done = "sft", 0
+        evals_path = self.run_dir / "evals.json"
+        evals = json.loads(evals_path.read_text()) if (cfg.trainer.resume and evals_path.exists()) else {}
+        if cfg.trainer.resume and self.ckpt.latest() is not None:
+            meta = json.loads((self.ckpt.latest() / "meta.json").read_text())
+            stage, done = meta["stage"], meta["step"]
+            self._make_optimizer(cfg.sft if stage == "sft" else cfg.rl)
+            self.ckpt.load(self.policy, self.optimizer, self.scheduler)
+            if self.d.main:
+                print(f"resumed from {self.ckpt.latest()} ({stage} step {done})", flush=True)
+        elif cfg.trainer.init_from:
+            self.load_policy(cfg.trainer.init_from)
+            stage = "rl"
+            self._make_optimizer(cfg.rl)
+        if stage == "sft":
+            if done < cfg.sft.steps:
+                if self.optimizer is None:
+                    self._make_optimizer(cfg.sft)
+                self.sft(done)
+            stage, done = "rl", 0
+            self._make_optimizer(cfg.rl)
+        self.sync_engine()
+        if "after_sft" not in evals:
+            evals["after_sft"] = self.evaluate("after_sft")
+            self._save_evals(evals)
+        if done < cfg.rl.steps:
+            self.rl(done)
+        self.sync_engine()
+        evals["after_rl"] = self.evaluate("after_rl")
+        self._save_evals(evals)
+        export_hf(self.policy, self.processor, self.run_dir / "hf", self.d)
+        if self.d.main:
+            if cfg.trainer.plots:
+                plot_run(self.run_dir, "rl")
+                plot_run(self.run_dir, "sft")
+            write_summary(self.run_dir, evals=evals, wall_time=time.time() - t0,
+                          config_name=cfg.trainer.output_dir)
+
+    def _save_evals(self, evals: dict) -> None:
+        if self.d.main:
+            (self.run_dir / "evals.json").write_text(json.dumps(evals, indent=1))
+
+    def evaluate(self, name: str) -> dict:
+        if not self.cfg.trainer.evaluate:
+            return {}
+        t = time.time()
+        out = evaluate(self.loop, self.src.eval, self.src.reward, n=self.cfg.trainer.eval_samples,
+                       d=self.d)
+        out["eval_time_s"] = time.time() - t
+        if self.d.main:
+            print(f"eval {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in out.items()
+                                               if isinstance(v, float)), flush=True)
+            self.log.log("eval", {"after_sft": 0, "after_rl": 1}.get(name, 2), out)
+        return out
+
+    def _checkpoint(self, stage: str, step: int, total: int) -> None:
+        every = self.cfg.trainer.checkpoint_every
+        if step == total or (every > 0 and step % every == 0):
+            self.ckpt.save(self.policy, self.optimizer, self.scheduler, stage=stage, step=step)
+
+    def sft(self, start: int) -> None:
+        cfg, d = self.cfg, self.d
+        demos = self.src.demos
+        self.log.start_stage("sft", cfg.sft.steps, start)
+        for step in range(start, cfg.sft.steps):
+            t = time.time()
+            idx = take(len(demos), cfg.sft.questions_per_step, step, cfg.trainer.seed)[d.rank::d.world]
+            enc = [self._encoded_demo(i) for i in idx]
+            rows = [{"tokens": e.tokens, "pixel_values": e.pixel_values, "grids": e.grids} for e in enc]
+            g_tok = distributed.all_reduce_sum(sum(sum(e.loss_mask) for e in enc), d)
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for mb, real in distributed.even_batches(
+                    micro_batches([len(r["tokens"]) for r in rows], cfg.sft.micro_batch_tokens), d):
+                batch = pack([rows[i] for i in mb], self.fmt.pad, self.fmt.image_pad, mb)
+                logp, _ = self.policy(batch, return_entropy=False)
+                mask = torch.zeros_like(logp)
+                for r, i in enumerate(mb):
+                    m = torch.tensor(enc[i].loss_mask[1:], dtype=logp.dtype)
+                    mask[r, :m.numel()] = m * float(real)
+                loss = -(logp * mask).sum() / max(1.0, g_tok)
+                (loss * d.world).backward()
+                total += float(loss.detach())
+            norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            loss_all = distributed.all_reduce_sum(total, d)
+            skipped = not (math.isfinite(loss_all) and math.isfinite(norm))
+            if skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.step()
+                self.scheduler.step()
+            dt = time.time() - t
+            self.log.log("sft", step + 1, {"loss": loss_all, "grad_norm": norm, "skipped": float(skipped),
+                                           "lr": self.scheduler.get_last_lr()[0], "tokens": g_tok,
+                                           "tokens_per_s": g_tok / dt, "step_time": dt})
+            self._checkpoint("sft", step + 1, cfg.sft.steps)
+
+    def _encoded_demo(self, i: int):
+        if i not in self._demo_cache:
+            demo = self.src.demos[i]
+            self._demo_cache[i] = encode_demo(demo.messages, demo.images, self.fmt,
+                                              self.src.tools.schemas(demo.tools))
+        return self._demo_cache[i]
+
+    def rl(self, start: int) -> None:
+        cfg, d = self.cfg, self.d
+        a = cfg.algo
+        train = self.src.train
+        self.log.start_stage("rl", cfg.rl.steps, start)
+        for step in range(start, cfg.rl.steps):
+            t = time.time()
+            qs = take(len(train), cfg.rl.questions_per_step, step, cfg.trainer.seed + 1)
+            mine = qs[d.rank::d.world]
+            samples = [train[i] for i in mine]
+            base = self.loop.rollout(samples, cfg.rollout.group_size, step=step)
+            for tr in base:
+                tr.reward = self.src.reward(tr)
+            by_group = dict(enumerate(samples))
+            trajs, diag = expand(self.loop, base, by_group, self.src.reward, a, step=step,
+                                 seed=cfg.trainer.seed)
+            self.loop.release(trajs)
+            t_roll = time.time() - t
+            trained = [not (cfg.rollout.mask_truncated and tr.truncated) for tr in trajs]
+            seq_adv = sequence_advantages(trajs, credit=a.credit, mode=a.advantage, trained=trained)
+            tok_adv = token_advantages(trajs, seq_adv, credit=a.credit, tree_sqrt_weight=a.tree_sqrt_weight)
+            masks = loss_masks(trajs, credit=a.credit, trained=trained)
+            for tr in trajs:
+                tr.check(self.fmt.image_pad, self.fmt.merge_size)
+            stats = policy_update(
+                self.policy, self.optimizer, trajs, tok_adv, masks, fmt=self.fmt, d=d,
+                budget=cfg.rl.micro_batch_tokens, temperature=cfg.rollout.temperature,
+                clip_low=a.clip_low, clip_high=a.clip_high, beta=a.beta, agg=a.loss_agg,
+                epochs=a.ppo_epochs, grad_clip=cfg.optim.grad_clip)
+            self.scheduler.step()
+            self.sync_engine()
+            gen_tokens = distributed.all_reduce_sum(sum(tr.num_generated for tr in trajs), d)
+            diag = distributed.all_reduce_mean(diag, d)
+            dt = time.time() - t
+            metrics = {**diag, **stats, "reward": diag["accuracy"], "lr": self.scheduler.get_last_lr()[0],
+                       "rollout_time": t_roll, "step_time": dt, "tokens_per_s": gen_tokens / dt,
+                       "tool_errors": sum(self.loop.stats.tool_errors.values())}
+            self.log.log("rl", step + 1, metrics)
+            self._checkpoint("rl", step + 1, cfg.rl.steps)
+
+    def close(self) -> None:
+        self.log.close()
+        distributed.close()

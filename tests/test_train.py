@@ -1,0 +1,107 @@
+"""The main job end to end under torchrun (gloo, 2 CPU processes): run folder contents, 1-vs-2
+process SFT parity, crash-and-resume equality, the exported Hugging Face folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def launch(out, *args, nproc=2, background=False):
+    # --standalone: a private rendezvous on a free local port, so runs never collide.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "axpo" / "train.py"), "--config", SMOKE, "--output-dir", str(out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def rows(out, stage):
+    from axpo.metrics import read_metrics
+
+    return [r for r in read_metrics(out) if r["stage"] == stage]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    launch(out)
+    return out
+
+
+def test_run_folder(smoke_run):
+    out = smoke_run
+    sft, rl, ev = rows(out, "sft"), rows(out, "rl"), rows(out, "eval")
+    assert [r["step"] for r in sft] == [1, 2, 3] and [r["step"] for r in rl] == [1, 2]
+    for r in rl:
+        for k in ("loss", "reward", "accuracy", "tool_use_rate", "all_wrong_rate", "trigger_rate",
+                  "prefixes_selected", "resample_success_rate", "extra_token_share", "zero_var_groups_before",
+                  "zero_var_groups_after", "cut_entropy", "entropy", "grad_norm", "tokens_per_s", "step_time"):
+            assert k in r, k
+    assert len(ev) == 2 and "pass@1" in ev[0]
+    assert (out / "config.yaml").exists() and (out / "summary.md").exists()
+    assert list((out / "tensorboard").glob("events.*"))
+    assert (out / "rl_tool_use_rate.png").exists() and (out / "rl_reward.png").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_rl_000002"
+    assert "Evaluation" in (out / "summary.md").read_text()
+
+
+def test_exported_folder_loads_and_generates(smoke_run):
+    from transformers import AutoModelForImageTextToText
+
+    from axpo.models import load_processor
+
+    model = AutoModelForImageTextToText.from_pretrained(str(smoke_run / "hf"))
+    proc = load_processor(str(smoke_run / "hf"))
+    text = proc.apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
+                                    add_generation_prompt=True, tokenize=False)
+    batch = proc(text=[text], return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > batch["input_ids"].shape[1]
+
+
+def test_sft_step_same_on_one_and_two_processes(tmp_path):
+    common = ["sft.steps=1", "rl.steps=0", "trainer.evaluate=false", "trainer.plots=false"]
+    launch(tmp_path / "p1", *common, nproc=1)
+    launch(tmp_path / "p2", *common, nproc=2)
+    l1, l2 = rows(tmp_path / "p1", "sft")[0]["loss"], rows(tmp_path / "p2", "sft")[0]["loss"]
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    from safetensors.torch import load_file
+
+    w1 = load_file(str(tmp_path / "p1" / "hf" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "p2" / "hf" / "model.safetensors"))
+    assert set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_kill_and_resume_matches_uninterrupted(smoke_run, tmp_path):
+    out = tmp_path / "resumed"
+    proc = launch(out, background=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() == "step_rl_000001":
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "run finished before it could be killed: " + proc.stdout.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    launch(out, "--resume")
+    ref, got = rows(smoke_run, "rl"), rows(out, "rl")
+    assert [r["step"] for r in got] == [1, 2]
+    assert got[1]["loss"] == ref[1]["loss"]
+    assert got[1]["reward"] == ref[1]["reward"]

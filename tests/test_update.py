@@ -1,0 +1,61 @@
+"""The RL update on hand-made trajectories with the tiny model (single process): the step does not
+depend on how tokens are split into micro-batches, and a NaN loss skips the step without touching
+the weights."""
+
+import copy
+
+import pytest
+import torch
+
+from axpo.agent.format import AgentFormat
+from axpo.agent.trajectory import Trajectory
+from axpo.distributed import Dist
+from axpo.models import build_tiny_model
+from axpo.policy import PolicyModel
+from axpo.update import policy_update
+
+
+def _trajs(n_tokens=(20, 33, 27, 41)):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i, n in enumerate(n_tokens):
+        toks = torch.randint(0, 600, (n,), generator=g).tolist()
+        out.append(Trajectory(uid=f"t{i}", sample_uid="q", group=0, prompt_len=5, tokens=toks,
+                              loss_mask=[0] * 5 + [1] * (n - 5), logprobs=[0.0] * n, entropies=[0.0] * n))
+    return out
+
+
+def _run(policy, trajs, adv, budget, agg="token-mean"):
+    opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+    fmt = AgentFormat(_run.processor)
+    masks = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in trajs]
+    tok_adv = [torch.full((len(t.tokens),), a) for t, a in zip(trajs, adv)]
+    return policy_update(policy, opt, trajs, tok_adv, masks, fmt=fmt, d=Dist(), budget=budget,
+                         temperature=1.0, clip_low=0.2, clip_high=0.28, beta=0.0, agg=agg, epochs=1,
+                         grad_clip=1e9)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batch_split_does_not_change_the_step(tiny_processor, agg):
+    _run.processor = tiny_processor
+    base = PolicyModel(build_tiny_model(seed=1, processor=tiny_processor))
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    trajs = _trajs()
+    adv = [1.0, -0.5, 0.25, -1.0]
+    sa = _run(a, trajs, adv, budget=10_000, agg=agg)   # one micro-batch
+    sb = _run(b, trajs, adv, budget=45, agg=agg)       # one row per micro-batch
+    assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-5, abs=1e-7)
+    changed = False
+    for (n, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), base.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+        changed |= not torch.equal(pa, p0)
+    assert changed
+
+
+def test_nan_loss_skips_step_and_keeps_weights(tiny_processor):
+    _run.processor = tiny_processor
+    policy = PolicyModel(build_tiny_model(seed=2, processor=tiny_processor))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    stats = _run(policy, _trajs(), [float("nan"), 1.0, 0.0, -1.0], budget=10_000)
+    assert stats["skipped"] == 1
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
