@@ -25,7 +25,7 @@ from axpo import distributed
 from axpo.agent.format import AgentFormat
 from axpo.agent.loop import AgentLoop
 from axpo.algo.credit import loss_masks, sequence_advantages, token_advantages
-from axpo.algo.resample import expand
+from axpo.algo.resample import expand, new_tokens
 from axpo.batching import micro_batches
 from axpo.checkpoint import Checkpointer, export_hf, load_model_weights
 from axpo.config import Config, StageConfig, load_config, to_dict
@@ -274,11 +274,12 @@ class Trainer:
                 epochs=a.ppo_epochs, grad_clip=cfg.optim.grad_clip)
             self.scheduler.step()
             self.sync_engine()
-            gen_tokens = distributed.all_reduce_sum(sum(tr.num_generated for tr in trajs), d)
+            gen_tokens = distributed.all_reduce_sum(sum(new_tokens(tr) for tr in trajs), d)
             diag = distributed.all_reduce_mean(diag, d)
             dt = time.time() - t
             metrics = {**diag, **stats, "reward": diag["accuracy"], "lr": self.scheduler.get_last_lr()[0],
                        "rollout_time": t_roll, "step_time": dt, "tokens_per_s": gen_tokens / dt,
+                       "rollout_tokens": gen_tokens,
                        "tool_errors": sum(self.loop.stats.tool_errors.values())}
             self.log.log("rl", step + 1, metrics)
             self._checkpoint("rl", step + 1, cfg.rl.steps)

@@ -54,6 +54,13 @@ def expand(loop: AgentLoop, base: list[Trajectory], samples: dict, reward_fn: Ca
     return base + extra, diagnostics(base, extra, groups, chosen)
 
 
+def new_tokens(t: Trajectory) -> int:
+    """Tokens this rollout sampled itself: a branch's frozen prefix was sampled by its parent."""
+    if t.cut is None:
+        return t.num_generated
+    return t.num_generated - sum(t.loss_mask[t.prompt_len:t.cut])
+
+
 def _zero_var(trajs: list[Trajectory]) -> tuple[int, int]:
     by: dict[int, list[float]] = {}
     for t in trajs:
@@ -66,9 +73,8 @@ def diagnostics(base: list[Trajectory], extra: list[Trajectory], groups, chosen)
     with_tool = [g for g in groups if g.tool_using]
     zv_before, ng = _zero_var(base)
     zv_after, _ = _zero_var(base + extra)
-    base_tokens = sum(t.num_generated for t in base)
-    # Branch tokens before the cut are the frozen prefix, not new compute.
-    extra_tokens = sum(t.num_generated - sum(t.loss_mask[t.prompt_len:t.cut or t.prompt_len]) for t in extra)
+    base_tokens = sum(new_tokens(t) for t in base)
+    extra_tokens = sum(new_tokens(t) for t in extra)
     branches = [t for t in extra if t.parent_uid is not None]
     return {
         "tool_use_rate": sum(t.used_tool for t in base) / n,

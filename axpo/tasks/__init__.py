@@ -1,0 +1,49 @@
+"""Built-in tasks, generated procedurally from a seed (no downloads).
+
+    samples = generate_task("perception", n=256, seed=1234, options={"grid": 4})
+    demos = make_demonstrations(samples, build_tools(["image_zoom_in"]), seed=1234)
+    reward = verify(sample, response_text)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from axpo.tasks import calculation, perception, search_facts
+from axpo.tasks.base import (Demonstration, Sample, TaskSpec, answers_match, extract_answer,
+                             normalize_text, parse_number, user_message, verify)
+from axpo.tasks.demonstrations import DemoConfig, count_images, make_demonstrations
+
+TASKS: dict[str, TaskSpec] = {
+    "perception": perception.SPEC,
+    "calculation": calculation.SPEC,
+    "search": search_facts.SPEC,
+}
+
+__all__ = [
+    "TASKS", "Sample", "Demonstration", "TaskSpec", "DemoConfig", "extract_answer", "verify",
+    "answers_match", "normalize_text", "parse_number", "user_message", "generate_task",
+    "task_config", "make_demonstrations", "count_images",
+]
+
+
+def task_config(name: str, options: dict[str, Any] | None = None):
+    """The task's typed config from a plain dict (e.g. DataConfig.task_options[name]);
+    unknown keys are errors naming the valid ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    cls = TASKS[name].config_cls
+    options = dict(options or {})
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for task {name!r}; valid: {', '.join(sorted(valid))}")
+    for f in dataclasses.fields(cls):  # YAML gives lists where the config has tuples
+        if f.name in options and isinstance(options[f.name], list) and "tuple" in str(f.type):
+            options[f.name] = tuple(options[f.name])
+    return cls(**options)
+
+
+def generate_task(name: str, n: int, seed: int, options: dict[str, Any] | None = None) -> list[Sample]:
+    return TASKS[name].generate(n, seed, task_config(name, options))
