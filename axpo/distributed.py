@@ -50,9 +50,10 @@ def init() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local, device)
 
 
-def close() -> None:
+def close(barrier: bool = True) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -78,6 +79,7 @@ def shard(policy: nn.Module, d: Dist, *, mixed_precision: bool, activation_check
         fully_shard(layer, **kw)
     if getattr(hf.model, "visual", None) is not None:
         fully_shard(hf.model.visual, **kw)
+        policy.always_run_vision = True
     fully_shard(policy, reshard_after_forward=False, **kw)
     return policy
 

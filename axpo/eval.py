@@ -87,6 +87,7 @@ def main(argv=None) -> None:
     cfg.trainer.eval_samples = args.samples
     cfg.trainer.evaluate = True
     trainer = Trainer(cfg, for_eval=True)
+    ok = False
     try:
         trainer.load_policy(args.checkpoint)
         result = trainer.evaluate("checkpoint")
@@ -96,8 +97,9 @@ def main(argv=None) -> None:
             if args.out:
                 with open(args.out, "w") as f:
                     f.write(text + "\n")
+        ok = True
     finally:
-        trainer.close()
+        trainer.close(clean=ok)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ class MetricsLogger:
                     self.tb.add_scalar(f"{stage}/{k}", v, gstep)
         if self.wandb is not None:
             self.wandb.log({f"{stage}/{k}": v for k, v in metrics.items()}, step=gstep)
-        if self.bar is not None:
+        if self.bar is not None and stage != "eval":
             self.bar.update(1)
             self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in KEY_METRICS if k in metrics})
 

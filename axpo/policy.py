@@ -56,6 +56,9 @@ class PolicyModel(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
+        # Under FSDP every rank must run the vision tower in every forward (its parameters are
+        # all-gathered inside it); set by distributed.shard.
+        self.always_run_vision = False
 
     @property
     def backbone(self) -> nn.Module:
@@ -76,10 +79,37 @@ class PolicyModel(nn.Module):
         # cache-free forward, so clear it and let get_rope_index compute positions from scratch.
         if hasattr(self.backbone, "rope_deltas"):
             self.backbone.rope_deltas = None
-        out = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            mm_token_type_ids=batch.mm_token_type_ids, use_cache=False, **kwargs)
+        if self.always_run_vision and batch.pixel_values is None:
+            # Text-only batch under FSDP: the vision tower still runs (on a dummy image, adding
+            # exactly zero) and its output enters through the input embeddings, where image
+            # features would, so every rank's collectives happen in the same order, forward and
+            # backward. Text-only positions are plain aranges, which the model derives itself.
+            embeds = self.backbone.get_input_embeddings()(batch.input_ids) + self._vision_zero()
+            out = self.backbone(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+        else:
+            out = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                mm_token_type_ids=batch.mm_token_type_ids, use_cache=False, **kwargs)
         hidden = out.last_hidden_state[:, :-1]
         logp, ent = linear_logprob_entropy(
             hidden, self.lm_head.weight, batch.targets, bias=self.lm_head.bias,
             temperature=temperature, return_entropy=return_entropy)
-        return logp, ent
+        # Clones: FSDP warns that in-place ops on a returned view would skip its backward hook.
+        return logp.clone(), (ent.clone() if ent is not None else None)
+
+    def _vision_zero(self) -> torch.Tensor:
+        """Exactly zero, but computed through the vision tower on the smallest valid image (one
+        merge window), so this rank takes part in the tower's FSDP collectives, forward and
+        backward, like the ranks whose batch has images."""
+        visual = self.backbone.visual
+        c = visual.config
+        # Shapes from the config only: touching the (sharded) weight outside its unit's forward
+        # would trigger a DTensor collective on this rank alone.
+        m = c.spatial_merge_size
+        w = visual.patch_embed.proj.weight
+        grid = torch.tensor([[1, m, m]], device=w.device)
+        pixels = torch.zeros(m * m, c.in_channels * c.temporal_patch_size * c.patch_size ** 2,
+                             device=w.device, dtype=w.dtype)
+        feats = self.backbone.get_image_features(pixels, grid)
+        total = sum(f.sum() for f in feats.pooler_output)
+        total = total + sum(f.sum() for level in feats.deepstack_features for f in level)
+        return total * 0.0

@@ -20,10 +20,14 @@ def main(argv=None) -> None:
     from axpo.trainer import Trainer
 
     trainer = Trainer(cfg)
+    ok = False
     try:
         trainer.run()
+        ok = True
     finally:
-        trainer.close()
+        # After a failure, skip the final barrier: the other ranks may never reach it, and the
+        # exception must surface (torchrun then stops the whole job).
+        trainer.close(clean=ok)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -272,7 +273,11 @@ class Trainer:
                 budget=cfg.rl.micro_batch_tokens, temperature=cfg.rollout.temperature,
                 clip_low=a.clip_low, clip_high=a.clip_high, beta=a.beta, agg=a.loss_agg,
                 epochs=a.ppo_epochs, grad_clip=cfg.optim.grad_clip)
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # A step whose rollouts were all masked takes no optimiser step; the schedule still
+                # advances by one step, as it would have otherwise.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
             self.sync_engine()
             gen_tokens = distributed.all_reduce_sum(sum(new_tokens(tr) for tr in trajs), d)
             diag = distributed.all_reduce_mean(diag, d)
@@ -284,6 +289,6 @@ class Trainer:
             self.log.log("rl", step + 1, metrics)
             self._checkpoint("rl", step + 1, cfg.rl.steps)
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         self.log.close()
-        distributed.close()
+        distributed.close(barrier=clean)

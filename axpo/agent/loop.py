@@ -39,10 +39,13 @@ class AgentLoop:
 
     # -- public -----------------------------------------------------------------------------
 
-    def rollout(self, samples: list, n: int, *, step: int = 0, group_offset: int = 0, tag: str = "r"
-                ) -> list[Trajectory]:
+    def rollout(self, samples: list, n: int, *, step: int = 0, group_offset: int = 0, tag: str = "r",
+                response_prefix: dict[str, list[int]] | None = None) -> list[Trajectory]:
         """`n` rollouts of each sample. The prompt is prefilled once per sample and forked n ways.
-        `tag` distinguishes further rollout sets of the same question in one step (their seeds)."""
+        `tag` distinguishes further rollout sets of the same question in one step (their seeds).
+        `response_prefix` (by sample uid) prefills the start of the assistant's response, as if
+        sampled (e.g. to force a reasoning opening or a tool call); a prefix that ends with
+        `</tool_call>` has its call run before sampling starts."""
         trajs = []
         for g, sample in enumerate(samples):
             chunk = self.fmt.prompt(sample.question, sample.images, self._schemas(sample))
@@ -56,6 +59,16 @@ class AgentLoop:
                 self._append(t, chunk, from_tool=False)
                 t.images.extend(sample.images)
                 trajs.append(t)
+                forced = (response_prefix or {}).get(sample.uid)
+                if forced:
+                    self.engine.extend(seq, list(forced))
+                    t.tokens.extend(forced)
+                    t.loss_mask.extend([1] * len(forced))
+                    t.logprobs.extend([0.0] * len(forced))   # recomputed before any update
+                    t.entropies.extend([0.0] * len(forced))
+                    if forced[-1] == self.fmt.tool_call_end:
+                        t.turns += 1
+                        self._after_turn(t, t.prompt_len, "stop", sample)
         self.run(trajs, {t.uid: s for t, s in zip(trajs, [s for s in samples for _ in range(n)])}, step=step)
         return trajs
 

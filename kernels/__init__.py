@@ -1,0 +1,26 @@
+"""AXPO fused ops (imported as `axpo.kernels`; the folder is `kernels/` at the repository root).
+
+Public API:
+    logprob_entropy, linear_logprob_entropy   - log-prob of the sampled token + entropy
+    group_advantages, clipped_policy_loss,    - group-relative advantages and the clipped
+    grouped_policy_loss                         policy loss, separate and fused
+
+CUDA tensors run the Triton kernels, other tensors a chunked PyTorch path;
+`AXPO_KERNEL_BACKEND=triton|torch|auto` forces either (see dispatch.py). The plain PyTorch
+references live in `axpo.kernels.reference`.
+"""
+
+from .dispatch import HAS_TRITON, backend_for
+from .linear_logprob_entropy import linear_logprob_entropy
+from .logprob_entropy import logprob_entropy
+from .policy_loss import clipped_policy_loss, group_advantages, grouped_policy_loss
+
+__all__ = [
+    "logprob_entropy",
+    "linear_logprob_entropy",
+    "group_advantages",
+    "clipped_policy_loss",
+    "grouped_policy_loss",
+    "backend_for",
+    "HAS_TRITON",
+]
