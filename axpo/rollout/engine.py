@@ -1,0 +1,388 @@
+"""The built-in rollout engine: token-in/token-out decoding over a paged KV cache with forking.
+
+A sequence is a list of token ids, its image spans (which fix its M-RoPE positions) and its KV in
+the paged cache, addressed through the block manager's table. `add`/`extend` prefill chunks
+(prompts, tool responses with images); `generate` decodes a batch until every row stops;
+`fork`/`fork_at` create branches that share the KV of a prefix, so resampling K continuations
+from a point of a finished rollout costs no prefill (`stats["prefill_tokens"]` does not move).
+
+State of a sequence. The last token of a sequence may be *pending*: sampled but not yet
+forwarded (its KV is written by the next step that needs it: the next `generate` step, the
+`extend` chunk it heads, or a fork of its full length). Otherwise the sequence holds the logits
+predicting its next token, so e.g. all children of `fork_at(seq, t, n)` sample their first token
+from one set of logits (computed once, reading the shared KV without writing) and then diverge.
+
+Weights. `load_weights` bumps the weights version and clears cached logits; sequences prefilled
+with older weights can then only be read (`tokens`) or freed, never extended or forked, so stale
+KV cannot leak into a rollout of the new policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from axpo.rollout.block_manager import PoolExhaustedError, make_block_manager
+from axpo.rollout.kv_cache import DecodeBatch, PagedKVCache, plan_groups
+from axpo.rollout.positions import (
+    add_chunk_spans,
+    positions,
+    span_containing,
+    spans_before,
+    text_position_delta,
+)
+from axpo.rollout.runner import ModelRunner
+from axpo.rollout.sampling import Completion, SamplingParams, sample
+
+__all__ = ["Engine", "SamplingParams", "Completion"]
+
+
+class _Seq:
+    __slots__ = ("tokens", "spans", "logits", "version", "pinned")
+
+    def __init__(self, tokens, spans, logits, version, pinned=False):
+        self.tokens: list[int] = tokens
+        self.spans = spans                       # tuple[ImageSpan, ...]
+        self.logits: torch.Tensor | None = logits
+        self.version: int = version
+        self.pinned: bool = pinned
+
+
+class Engine:
+    def __init__(self, model, *, block_size: int = 16, max_kv_tokens: int = 65536, device=None, dtype=None):
+        if device is not None:
+            model = model.to(device)
+        if dtype is not None:
+            model = model.to(dtype)
+        self.model = model.eval()
+        self.runner = ModelRunner(self.model)
+        w = self.runner.param
+        self.device, self.dtype = w.device, w.dtype
+        num_blocks = -(-max_kv_tokens // block_size)
+        self.block_size = block_size
+        self.bm = make_block_manager(num_blocks, block_size)
+        self.cache = PagedKVCache(len(self.runner.layers), num_blocks, block_size, self.runner.num_kv_heads,
+                                  self.runner.head_dim, self.dtype, self.device)
+        self._seqs: dict[int, _Seq] = {}
+        self._next_id = 0                       # one past the largest id handed out
+        self._version = 0
+        self._count = dict(prefill_tokens=0, decode_tokens=0, sampled_tokens=0, decode_steps=0,
+                           logit_forwards=0, forks=0, generate_calls=0)
+        self._workspace_bytes = 0
+
+    # -- sequences ---------------------------------------------------------------------------
+
+    def add(self, token_ids: list[int], *, pixel_values=None, image_grid_thw=None) -> int:
+        """A new sequence, prefilled (images get their 3-D positions); returns its id."""
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ValueError("add: empty token list")
+        sid = self.bm.allocate(0)
+        self._next_id = max(self._next_id, sid + 1)
+        self._seqs[sid] = _Seq([], (), None, self._version)
+        try:
+            self._prefill(sid, ids, pixel_values, image_grid_thw, "add")
+        except BaseException:
+            self.bm.free(sid)
+            del self._seqs[sid]
+            raise
+        return sid
+
+    def extend(self, seq_id: int, token_ids: list[int], *, pixel_values=None, image_grid_thw=None) -> None:
+        """Prefill a chunk continuing the sequence (tool response, forced tokens); images inside it
+        get M-RoPE positions continuing the sequence's."""
+        self._get(seq_id, "extend", write=True)
+        ids = [int(t) for t in token_ids]
+        if ids:
+            self._prefill(seq_id, ids, pixel_values, image_grid_thw, "extend")
+
+    def generate(self, seq_ids: list[int], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Decode every sequence until it emits a stop token or reaches max_tokens, batched.
+        Sampled tokens are appended to their sequences. Log-probs/entropies: see sampling.py."""
+        seq_ids = list(seq_ids)
+        if isinstance(params, SamplingParams):
+            params = [params] * len(seq_ids)
+        if len(params) != len(seq_ids):
+            raise ValueError(f"generate: {len(seq_ids)} sequences but {len(params)} SamplingParams")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("generate: a sequence id is listed twice")
+        if not seq_ids:
+            return []
+        for s in seq_ids:
+            self._get(s, "generate", write=True)
+        pending = [s for s in seq_ids if self._pending(s)]
+        if pending and len(pending) < len(seq_ids):
+            self._materialize(pending)          # uniform rows: all pending or none
+        all_pending = len(pending) == len(seq_ids)
+        self._count["generate_calls"] += 1
+
+        batch, rows = self._decode_batch(seq_ids, capacity=max(p.max_tokens for p in params))
+        by_id = dict(zip(seq_ids, range(len(seq_ids))))
+        idx = [by_id[s] for s in rows]
+        rparams = [params[i] for i in idx]
+        gens = [None if p.seed is None else torch.Generator(device=self.device).manual_seed(p.seed) for p in rparams]
+        outs = [Completion([], [], [], "length") for _ in rows]
+        active = list(range(len(rows)))
+        if all_pending:
+            logits = self._decode_step(batch, rows)
+        else:
+            logits = torch.stack([self._seqs[s].logits for s in rows])
+        while True:
+            toks, lps, ents = sample(logits, [rparams[r] for r in active], [gens[r] for r in active])
+            keep = []
+            for j, r in enumerate(active):
+                s, out, p = self._seqs[rows[r]], outs[r], rparams[r]
+                s.tokens.append(toks[j])
+                s.logits = None
+                out.token_ids.append(toks[j])
+                out.logprobs.append(lps[j])
+                out.entropies.append(ents[j])
+                if toks[j] in p.stop_token_ids:
+                    out.finish_reason = "stop"
+                elif len(out.token_ids) < p.max_tokens:
+                    keep.append(j)
+            self._count["sampled_tokens"] += len(active)
+            if not keep:
+                break
+            active = [active[j] for j in keep]
+            batch.keep(keep)
+            logits = self._decode_step(batch, [rows[r] for r in active])
+        result = [None] * len(rows)
+        for r, i in enumerate(idx):
+            result[i] = outs[r]
+        return result
+
+    def fork(self, seq_id: int, n: int) -> list[int]:
+        """n children sharing all of the sequence's KV (and its next-token logits)."""
+        s = self._get(seq_id, "fork")
+        if self._pending(seq_id):
+            self._materialize([seq_id])
+        return self._children(seq_id, self.bm.fork(seq_id, n), s.tokens, s.spans, s.logits)
+
+    def fork_at(self, seq_id: int, num_tokens: int, n: int) -> list[int]:
+        """n children sharing the KV of tokens [0, num_tokens) of a live or pinned (retained)
+        sequence, without re-prefilling it. They all sample their first token from the logits at
+        position num_tokens - 1, computed once."""
+        s = self._get(seq_id, "fork_at")
+        t = self._check_cut(s, num_tokens, "fork_at")
+        logits = self._logits_at(seq_id, s, t)
+        return self._children(seq_id, self.bm.fork_at(seq_id, t, n), s.tokens[:t], spans_before(s.spans, t), logits)
+
+    def free(self, seq_id: int) -> None:
+        if seq_id not in self._seqs:
+            self.bm.free(seq_id)                # raises the manager's clear message
+        if self._seqs[seq_id].pinned:
+            raise ValueError(f"free: sequence {seq_id} is pinned; release it with unpin")
+        self.bm.free(seq_id)
+        del self._seqs[seq_id]
+
+    def free_many(self, seq_ids: list[int]) -> None:
+        """Free a batch of sequences at once (validated first: all or nothing)."""
+        seq_ids = list(seq_ids)
+        self.bm.free_many(seq_ids)
+        for s in seq_ids:
+            del self._seqs[s]
+
+    def tokens(self, seq_id: int) -> list[int]:
+        return list(self._get(seq_id, "tokens", fresh=False).tokens)
+
+    def positions(self, seq_id: int) -> torch.Tensor:
+        """[3, len] M-RoPE positions of the sequence's tokens (text: all three equal)."""
+        s = self._get(seq_id, "positions", fresh=False)
+        return positions(s.spans, 0, len(s.tokens))
+
+    def next_token_logits(self, seq_id: int) -> torch.Tensor:
+        """fp32 logits [V] of the distribution of the sequence's next token."""
+        s = self._get(seq_id, "next_token_logits")
+        return self._logits_at(seq_id, s, len(s.tokens)).clone()
+
+    # -- pinned prefixes -----------------------------------------------------------------------
+
+    def pin(self, seq_id: int, num_tokens: int | None = None) -> int:
+        """Retain tokens [0, num_tokens) of a sequence as a read-only sequence (its own id) that
+        survives freeing the original; fork_at it to resample. Release with unpin."""
+        s = self._get(seq_id, "pin")
+        t = self._check_cut(s, len(s.tokens) if num_tokens is None else num_tokens, "pin")
+        if t > self.bm.num_tokens(seq_id):
+            self._materialize([seq_id])
+        pid = self.bm.pin(seq_id, t)
+        self._next_id = max(self._next_id, pid + 1)
+        logits = s.logits if t == len(s.tokens) else None
+        self._seqs[pid] = _Seq(s.tokens[:t], spans_before(s.spans, t), logits, s.version, pinned=True)
+        return pid
+
+    def unpin(self, pin_id: int) -> None:
+        self.bm.unpin(pin_id)
+        del self._seqs[pin_id]
+
+    @contextlib.contextmanager
+    def pinned(self, seq_id: int, num_tokens: int | None = None):
+        """`with engine.pinned(seq, t) as prefix:` ... the prefix is unpinned on exit, always."""
+        pid = self.pin(seq_id, num_tokens)
+        try:
+            yield pid
+        finally:
+            self.unpin(pid)
+
+    # -- weights & stats -----------------------------------------------------------------------
+
+    def load_weights(self, state_dict_or_model) -> None:
+        """New policy weights (a state dict with the model's names, or a model). Clears cached
+        logits and transformers' rope_deltas; existing sequences become read-only (stale)."""
+        sd = state_dict_or_model
+        if isinstance(sd, torch.nn.Module):
+            sd = sd.state_dict()
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or ())
+        missing = [k for k in missing if k not in tied]
+        if unexpected or missing:
+            raise ValueError(f"load_weights: unexpected keys {list(unexpected)[:5]}, missing keys {missing[:5]}")
+        self._version += 1
+        for s in self._seqs.values():
+            s.logits = None
+        if hasattr(getattr(self.model, "model", None), "rope_deltas"):
+            self.model.model.rope_deltas = None
+
+    @property
+    def stats(self) -> dict:
+        b = self.bm.stats()
+        return dict(self._count, cow_copies=b["cow_copies"], blocks_used=b["blocks_used"],
+                    blocks_total=b["blocks_total"], blocks_free=b["blocks_free"], sequences=b["sequences"],
+                    pinned=b["pinned"], block_size=self.block_size, kv_cache_bytes=self.cache.nbytes,
+                    workspace_bytes=self._workspace_bytes, weights_version=self._version,
+                    block_manager=type(self.bm).__module__.split(".")[-1])
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _get(self, seq_id: int, op: str, *, write: bool = False, fresh: bool = True) -> _Seq:
+        s = self._seqs.get(seq_id)
+        if s is None:
+            if 0 <= seq_id < self._next_id:
+                raise ValueError(f"{op}: sequence {seq_id} was already freed")
+            raise ValueError(f"{op}: unknown sequence {seq_id}")
+        if fresh and s.version != self._version:
+            raise ValueError(f"{op}: sequence {seq_id} was prefilled with older weights (load_weights was "
+                             f"called since); free it")
+        if write and s.pinned:
+            raise ValueError(f"{op}: sequence {seq_id} is pinned (read-only); fork it to continue")
+        return s
+
+    def _pending(self, seq_id: int) -> bool:
+        return self.bm.num_tokens(seq_id) < len(self._seqs[seq_id].tokens)
+
+    @staticmethod
+    def _check_cut(s: _Seq, t: int, op: str) -> int:
+        if not 1 <= t <= len(s.tokens):
+            raise ValueError(f"{op}: num_tokens {t} out of range [1, {len(s.tokens)}]")
+        span = span_containing(s.spans, t)
+        if span is not None:
+            raise ValueError(f"{op}: token {t} is inside the image at tokens [{span.start}, {span.end}); "
+                             "cut before or after the whole image")
+        return t
+
+    def _children(self, parent: int, ids: list[int], tokens, spans, logits) -> list[int]:
+        version = self._seqs[parent].version
+        for c in ids:
+            self._seqs[c] = _Seq(list(tokens), spans, logits, version)
+        if ids:
+            self._next_id = max(self._next_id, max(ids) + 1)
+        self._count["forks"] += len(ids)
+        return ids
+
+    def _logits_at(self, seq_id: int, s: _Seq, t: int) -> torch.Tensor:
+        """Logits predicting token t (given tokens [0, t)) of a sequence, t <= len(tokens)."""
+        if t > self.bm.num_tokens(seq_id):
+            self._materialize([seq_id])
+        if t == len(s.tokens) and s.logits is not None:
+            return s.logits
+        # One-token forward of token t-1 reading the KV of [0, t) from the cache, writing nothing.
+        last = t - 1
+        if any(sp.start <= last < sp.end for sp in s.spans):
+            raise ValueError(f"cannot compute logits after image token {last}: fork before the image or after "
+                             "the token that closes it")
+        ids = torch.tensor([s.tokens[last]], device=self.device)
+        slots = torch.tensor(self.bm.slots(seq_id, 0, t), device=self.device)
+        pos = positions(s.spans, last, t).to(self.device)
+        logits = self.runner.prefill(self.cache, ids, pos, slots, last, write=False)
+        self._count["logit_forwards"] += 1
+        if t == len(s.tokens):
+            s.logits = logits
+        return logits
+
+    def _prefill(self, sid: int, chunk: list[int], pixel_values, image_grid_thw, op: str) -> None:
+        s = self._seqs[sid]
+        past = self.bm.num_tokens(sid)
+        head = s.tokens[past:]                       # the pending token, if any
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError(f"{op}: pass pixel_values and image_grid_thw together")
+        grids = [] if image_grid_thw is None else [tuple(int(x) for x in g) for g in image_grid_thw.tolist()]
+        if grids and not self.runner.is_vl:
+            raise ValueError(f"{op}: images given but {type(self.model).__name__} is not a vision-language model")
+        spans = add_chunk_spans(s.spans, len(s.tokens), chunk, self.runner.image_token_id, grids, self.runner.merge)
+        ids = torch.tensor(head + chunk, device=self.device)
+        images = None
+        if grids:
+            want = sum(t * h * w for t, h, w in grids)
+            if pixel_values.shape[0] != want:
+                raise ValueError(f"{op}: pixel_values has {pixel_values.shape[0]} patches, the grids need {want}")
+            embeds, deep = self.runner.image_features(pixel_values, image_grid_thw)
+            mask = ids == self.runner.image_token_id
+            mask[: len(head)] = False
+            if embeds.shape[0] != int(mask.sum()):
+                raise ValueError(f"{op}: Image features and image tokens do not match: {int(mask.sum())} tokens, "
+                                 f"{embeds.shape[0]} features")
+            images = (mask, embeds, deep)
+        n = len(head) + len(chunk)
+        self.cache.copy_blocks(self.bm.append(sid, n))
+        slots = torch.tensor(self.bm.slots(sid, 0, past + n), device=self.device)
+        pos = positions(spans, past, past + n).to(self.device)
+        s.logits = self.runner.prefill(self.cache, ids, pos, slots, past, images=images)
+        s.tokens.extend(chunk)
+        s.spans = spans
+        self._count["prefill_tokens"] += len(chunk)
+        self._count["decode_tokens"] += len(head)
+
+    def _decode_batch(self, seq_ids: list[int], capacity: int) -> tuple[DecodeBatch, list[int]]:
+        tables = [self.bm.block_table(s) for s in seq_ids]
+        lengths = [self.bm.num_tokens(s) for s in seq_ids]
+        order, groups = plan_groups(tables, lengths, self.block_size)
+        rows = [seq_ids[i] for i in order]
+        slot_lists = [torch.tensor(self.bm.slots(s, 0, lengths[i]), dtype=torch.long, device=self.device)
+                      for s, i in zip(rows, order)]
+        batch = DecodeBatch(self.cache, slot_lists, groups, capacity, self.runner.scale, self.runner.num_heads)
+        self._workspace_bytes = batch.nbytes
+        return batch, rows
+
+    def _decode_step(self, batch: DecodeBatch, rows: list[int]) -> torch.Tensor:
+        """Forward the pending token of every row (rows in the batch's order) -> logits [B, V]."""
+        need = sum(self.bm.append_blocks_needed(s, 1) for s in rows)
+        if need > self.bm.num_free_blocks:
+            raise PoolExhaustedError(f"generate: KV pool exhausted (need up to {need} blocks, "
+                                     f"{self.bm.num_free_blocks} free); raise max_kv_tokens or free sequences")
+        ids, pos, slots, copies = [], [], [], []
+        for sid in rows:
+            s = self._seqs[sid]
+            n = self.bm.num_tokens(sid)
+            ids.append(s.tokens[n])
+            pos.append(n + text_position_delta(s.spans))
+            copies += self.bm.append(sid, 1)
+            slots.append(self.bm.slots(sid, n, n + 1)[0])
+        self.cache.copy_blocks(copies)
+        dev = self.device
+        pos_t = torch.tensor(pos, device=dev).expand(3, -1)
+        logits = self.runner.decode(self.cache, batch, torch.tensor(ids, device=dev), pos_t,
+                                    torch.tensor(slots, device=dev))
+        self._count["decode_tokens"] += len(rows)
+        self._count["decode_steps"] += 1
+        return logits
+
+    def _materialize(self, seq_ids: list[int]) -> None:
+        """Forward the pending last token of these sequences, leaving them with next-token logits."""
+        seq_ids = [s for s in seq_ids if self._pending(s)]
+        if not seq_ids:
+            return
+        batch, rows = self._decode_batch(seq_ids, capacity=1)
+        logits = self._decode_step(batch, rows)
+        for sid, lg in zip(rows, logits):
+            self._seqs[sid].logits = lg

@@ -1,0 +1,134 @@
+"""Forward passes of a Hugging Face decoder over the paged KV cache.
+
+We drive the model's own modules (token embedding, vision tower through `get_image_features`,
+each decoder layer's norms / q,k,v,o projections / q_norm, k_norm / MLP, the rotary embedding,
+DeepStack injection for image tokens, final norm, lm_head) and replace only attention, so results
+match the model's own forward (tests/test_engine.py compares against it). Supported: Qwen3-VL
+(3-D M-RoPE, DeepStack) and Llama-style causal LMs whose layers are
+`x + attn(input_layernorm(x))`, `x + mlp(post_attention_layernorm(x))` (Llama, Qwen2, Qwen3, ...)
+without sliding-window attention.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from axpo.rollout.attention import prefill_attention
+from axpo.rollout.kv_cache import DecodeBatch, PagedKVCache
+
+
+class ModelRunner:
+    def __init__(self, model):
+        self.model = model
+        inner = model.model
+        self.is_vl = hasattr(inner, "language_model") and hasattr(inner, "visual")
+        self.text = inner.language_model if self.is_vl else inner
+        self.lm_head = model.get_output_embeddings()
+        cfg = self.text.config
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            raise NotImplementedError("sliding-window attention is not supported by the built-in engine")
+        self.layers = list(self.text.layers)
+        attn = self.layers[0].self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not hasattr(attn, name):
+                raise NotImplementedError(f"{type(attn).__name__} has no {name}: unsupported attention layout")
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            if not hasattr(self.layers[0], name):
+                raise NotImplementedError(f"{type(self.layers[0]).__name__} has no {name}: unsupported layer layout")
+        self.head_dim = attn.head_dim
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.scale = attn.scaling
+        # The model's own rotary application (Qwen3-VL's interleaved M-RoPE is in the cos/sin).
+        self.apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.image_token_id = getattr(model.config, "image_token_id", None) if self.is_vl else None
+        self.merge = model.config.vision_config.spatial_merge_size if self.is_vl else 1
+
+    @property
+    def param(self) -> torch.Tensor:
+        return self.lm_head.weight
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor):
+        """pos [3, B, L] M-RoPE positions (rows equal for text)."""
+        return self.text.rotary_emb(x, pos if self.is_vl else pos[0])
+
+    def _qkv(self, attn, h: torch.Tensor, cos, sin):
+        """h [B, L, H] -> q [B, Hq, L, D], k/v [B, Hkv, L, D] with q/k norm and rotary applied."""
+        shape = (*h.shape[:-1], -1, self.head_dim)
+        q = attn.q_proj(h).view(shape)
+        k = attn.k_proj(h).view(shape)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        q, k = self.apply_rope(q, k, cos, sin)
+        return q, k, v
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.text.norm(x)).float()
+
+    def image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """(embeddings [N, H], DeepStack features per injected layer [N, H]) for all images."""
+        out = self.model.model.get_image_features(pixel_values.to(self.param.device), grid_thw.to(self.param.device),
+                                                  return_dict=True)
+        embeds = torch.cat(out.pooler_output, 0)
+        deep = [torch.cat(f, 0) for f in (out.deepstack_features or [])]
+        return embeds, deep
+
+    # -- forwards ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, cache: PagedKVCache, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, past: int,
+                *, write: bool = True, images=None) -> torch.Tensor:
+        """Forward a chunk of C tokens of one sequence at token indices past..past+C-1.
+
+        ids [C]; pos [3, C]; slots [past + C]: the sequence's slots for tokens [0, past + C).
+        write=False reads the chunk's own KV from the cache instead of writing it (the chunk was
+        already prefilled: used for the logits at a fork point). images = (mask [C] bool,
+        embeddings, DeepStack features). Returns the logits [V] of the last token (fp32)."""
+        c = ids.shape[0]
+        x = self.text.embed_tokens(ids)[None]
+        if images is not None:
+            mask, embeds, deep = images
+            x[0, mask] = embeds.to(x.dtype)
+        cos, sin = self._rope(x, pos[:, None, :])
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer.self_attn, h, cos, sin)
+            if write:
+                cache.write(i, slots[past:], k[0].transpose(0, 1), v[0].transpose(0, 1))
+            if past == 0 and write:
+                kk, vv = k, v
+            else:
+                kk, vv = cache.gather(i, slots)
+                kk, vv = kk.transpose(0, 1)[None], vv.transpose(0, 1)[None]
+            o = prefill_attention(q, kk, vv, past, self.scale)
+            x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(1, c, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if images is not None and i < len(deep):
+                x[0, mask] = x[0, mask] + deep[i].to(x.dtype)
+        return self._logits(x[0, -1])
+
+    @torch.no_grad()
+    def decode(self, cache: PagedKVCache, batch: DecodeBatch, ids: torch.Tensor, pos: torch.Tensor,
+               slots: torch.Tensor) -> torch.Tensor:
+        """One token per row: ids [B], pos [3, B], slots [B] (where each token's KV goes).
+        Returns logits [B, V] (fp32)."""
+        b = ids.shape[0]
+        x = self.text.embed_tokens(ids)[:, None]                       # [B, 1, H]
+        cos, sin = self._rope(x, pos[:, :, None])
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer.self_attn, h, cos, sin)          # [B, H*, 1, D]
+            k, v = k[:, :, 0], v[:, :, 0]
+            cache.write(i, slots, k, v)
+            batch.append(i, k, v)
+            o = batch.attend(i, q[:, :, 0])                             # [B, Hq, D]
+            x = x + layer.self_attn.o_proj(o.reshape(b, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        batch.advance()
+        return self._logits(x[:, 0])
