@@ -103,32 +103,41 @@ class TinyModelConfig:
 
 
 def _corpus() -> list[str]:
-    """A small deterministic corpus for the tiny tokenizer: agent-format text, JSON, numbers,
-    and the vocabulary of the built-in tasks (colours, shapes, arithmetic, fact questions)."""
-    words = (
-        "the a an of to in is are was be it that this for on with as by at from or and not no yes "
-        "what which where who how many much answer question image picture cell row column grid zoom "
-        "look region box detail small tiny large colour color red green blue yellow orange purple "
-        "black white gray pink brown cyan shape circle square triangle star digit number letter word "
-        "label top bottom left right center middle corner python code print result compute calculate "
-        "sum product difference multiply add subtract divide total value plot chart bar line point "
-        "search query find fact capital city country population founded year river mountain language "
-        "currency leader president inventor discovered born name called known located largest "
-        "I need to use tool call check read see cannot clearly so let me first then think therefore "
-        "final correct wrong error because since it's let's we can get exact approximately about "
-        "bbox_2d img_idx label code query max_results image_zoom_in arguments function"
-    ).split()
+    """A deterministic corpus for the tiny tokenizer: the text the agent actually reads and writes
+    (tool schemas, built-in task questions, reasoning and answer phrases, tool calls, search
+    snippets) plus generic English, numbers and JSON. Nothing is executed. Training on it about
+    halves the token count of a built-in episode compared with generic text, which matters because
+    CPU training cost is linear in tokens."""
+    import random
+
+    from axpo.tasks import TASKS, generate_task
+    from axpo.tasks.search_facts import SearchTaskConfig, build_corpus
+    from axpo.tools import TOOL_NAMES, build_tools
+
     lines = []
-    for i, w in enumerate(words):
-        lines.append(f"The {w} is {words[(i * 7) % len(words)]}. What is the {w}?")
-        lines.append(f"I need to {w} the {words[(i * 3) % len(words)]} {words[(i * 11) % len(words)]}.")
-    for a in range(0, 1000, 7):
-        lines.append(f"print({a} * {a % 97 + 3} + {a // 3})  # {a * (a % 97 + 3) + a // 3}")
-        lines.append(f'{{"name": "image_zoom_in", "arguments": {{"bbox_2d": [{a}, {a // 2}, {a + 1}, {a // 2 + 9}], "label": "cell", "img_idx": 0}}}}')
-    lines.append('{"name": "python", "arguments": {"code": "print(12 * 34)"}}')
-    lines.append('{"name": "search", "arguments": {"query": "capital of Zorbia", "max_results": 5}}')
-    lines.append("The answer is \\boxed{42}. So the answer is \\boxed{red}.")
-    return lines * 3
+    tools = build_tools(list(TOOL_NAMES), documents=[])
+    for schema in tools.schemas():
+        lines.append(json.dumps(schema, ensure_ascii=False))
+    lines += [f"{sn.title}: {sn.text}" for sn in build_corpus(SearchTaskConfig())[:200]]
+    rng = random.Random(0)
+    options = {"perception": {"image_size_min": 64, "image_size_max": 64}}
+    for name, spec in TASKS.items():
+        for sample in generate_task(name, 40, seed=7, options=options.get(name)):
+            lines.append(sample.question)
+            lines.append(f"The answer is \\boxed{{{sample.answer}}}.")
+            lines.append(spec.plan_text(sample))
+            lines.append(spec.direct_text(sample))
+            lines.append(spec.after_text(sample, sample.answer))
+            for call in (sample.oracle_call, spec.wrong_call(sample, rng)):
+                if call:
+                    lines.append(tool_call_json(call["name"], call["arguments"]))
+    words = ("the a of to in is what which answer question image cell row column zoom colour color "
+             "number result compute search query find capital city I need use tool call so then "
+             "final correct wrong error because").split()
+    for i in range(400):
+        lines.append(" ".join(words[(i * k) % len(words)] for k in (1, 3, 7, 11, 13)) + ".")
+        lines.append(f"{i} {i * 7} {i * 13 + 5} {i * 31 % 1000}")
+    return lines
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -109,6 +111,10 @@ class Trainer:
     def _make_optimizer(self, stage: StageConfig) -> None:
         o = self.cfg.optim
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        # No gradient may outlive a step: DCP initialises an empty optimiser state only when no
+        # parameter holds a gradient, and save and load must see the same state.
+        for p in params:
+            p.grad = None
         self.optimizer = torch.optim.AdamW(params, lr=stage.lr or o.lr, betas=o.betas,
                                            weight_decay=o.weight_decay, foreach=False)
         warm = max(1, o.warmup_steps)
@@ -198,6 +204,10 @@ class Trainer:
         every = self.cfg.trainer.checkpoint_every
         if step == total or (every > 0 and step % every == 0):
             self.ckpt.save(self.policy, self.optimizer, self.scheduler, stage=stage, step=step)
+        # Crash drill: AXPO_KILL_AFTER=rl:3 SIGKILLs this process right after that step (no cleanup,
+        # like a lost node), so resume can be tested deterministically.
+        if os.environ.get("AXPO_KILL_AFTER") == f"{stage}:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def sft(self, start: int) -> None:
         cfg, d = self.cfg, self.d
@@ -231,6 +241,7 @@ class Trainer:
             else:
                 self.optimizer.step()
                 self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
             dt = time.time() - t
             self.log.log("sft", step + 1, {"loss": loss_all, "grad_norm": norm, "skipped": float(skipped),
                                            "lr": self.scheduler.get_last_lr()[0], "tokens": g_tok,

@@ -104,6 +104,7 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
             stats["skipped"] += 1
             continue
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         stats["loss"] += loss_all / epochs
         stats["grad_norm"] += norm / epochs
     for k in ("clip_frac", "ratio", "kl"):  # local token-share-weighted means: their sum is global

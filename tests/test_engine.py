@@ -367,3 +367,27 @@ def test_sampling_distribution_and_reported_logprobs():
     torch.testing.assert_close(torch.tensor(lps), ref[toks], atol=1e-6, rtol=0)
     toks, _, _ = sample(logits[:3], [SamplingParams(temperature=0)] * 3, [None] * 3)
     assert toks == [0, 0, 0]
+
+
+def test_banned_tokens_are_never_sampled_and_logprobs_stay_full(tiny_model):
+    """Vision placeholders are banned from sampling; the returned log-probs are still those of
+    the full distribution (what the trainer recomputes)."""
+    import copy
+
+    import torch
+
+    from axpo.rollout.engine import Engine, SamplingParams
+
+    eng = Engine(copy.deepcopy(tiny_model), max_kv_tokens=4096)
+    seq = eng.add(list(range(5, 25)))
+    logits = eng.next_token_logits(seq)
+    top = int(logits.argmax())
+    banned = tuple(int(i) for i in logits.topk(50).indices)   # the 50 likeliest tokens, top included
+    kids = eng.fork(seq, 8)
+    outs = eng.generate(kids, [SamplingParams(max_tokens=6, seed=i, banned_token_ids=banned) for i in range(8)])
+    assert all(t not in banned for o in outs for t in o.token_ids)
+    first = outs[0].token_ids[0]
+    ref = torch.log_softmax(logits.double(), -1)[first].item()
+    assert abs(outs[0].logprobs[0] - ref) < 1e-4
+    greedy = eng.generate(eng.fork(seq, 1), SamplingParams(temperature=0, max_tokens=1, banned_token_ids=(top,)))
+    assert greedy[0].token_ids[0] != top

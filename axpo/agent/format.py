@@ -43,6 +43,9 @@ class AgentFormat:
         self.merge_size = getattr(processor.image_processor, "merge_size", 2)
         # Generation stops after a tool call closes or the turn ends.
         self.stop_ids = (self.tool_call_end, self.im_end)
+        # Vision placeholders come only from images the loop inserts, never from sampling.
+        self.banned_ids = tuple(ids[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                 "<|vision_end|>", "<|vision_pad|>") if t in ids)
 
     # -- chunks -------------------------------------------------------------------------------
 

@@ -120,7 +120,8 @@ class AgentLoop:
                 params.append(SamplingParams(
                     temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                     max_tokens=max(1, min(self.cfg.max_turn_tokens, budget)),
-                    stop_token_ids=self.fmt.stop_ids, seed=_seed(self.seed, step, t.uid, t.turns)))
+                    stop_token_ids=self.fmt.stop_ids, banned_token_ids=self.fmt.banned_ids,
+                    seed=_seed(self.seed, step, t.uid, t.turns)))
             outs = self.engine.generate([t.seq_id for t in active], params)
             still = []
             for t, out in zip(active, outs):

@@ -33,6 +33,10 @@ class SamplingParams:
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()   # generation stops after emitting one (it is in the output)
     seed: int | None = None                # per-sequence generator seed, for reproducibility
+    # Never sampled (e.g. vision placeholders: a sampled <|image_pad|> has no image behind it and
+    # would break the next forward). Like top-k/top-p, this truncates sampling only; the returned
+    # log-probs stay those of the full distribution, which is what the trainer recomputes.
+    banned_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -74,7 +78,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     calls cost more than the rest of a small model's decode step."""
     dev = logits.device
     temps = [p.temperature if p.temperature > 0 else 1.0 for p in params]
-    z = logits / torch.tensor(temps, device=dev, dtype=logits.dtype)[:, None]
+    z_full = logits / torch.tensor(temps, device=dev, dtype=logits.dtype)[:, None]
+    z = z_full
+    if any(p.banned_token_ids for p in params):
+        z = z_full.clone()
+        for r, p in enumerate(params):
+            if p.banned_token_ids:
+                z[r, list(p.banned_token_ids)] = float("-inf")
     if any(p.top_k or p.top_p < 1.0 for p in params):
         zt = truncate(z, torch.tensor([p.top_k for p in params], device=dev),
                       torch.tensor([p.top_p for p in params], device=dev, dtype=z.dtype))
@@ -91,9 +101,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     # u * total < total, so the first index whose cumulative mass exceeds it has p > 0.
     drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=z.shape[-1] - 1)
     greedy = torch.tensor([p.temperature == 0 for p in params], device=dev)
-    targets = torch.where(greedy, logits.argmax(-1), drawn)
+    targets = torch.where(greedy, z.argmax(-1), drawn)
     if len(set(temps)) == 1:   # the common case: the trainer's exact call
         lp, ent = logprob_entropy(logits, targets, temperature=temps[0])
     else:
-        lp, ent = logprob_entropy(z, targets, temperature=1.0)
+        lp, ent = logprob_entropy(z_full, targets, temperature=1.0)
     return targets.tolist(), lp.tolist(), ent.tolist()
