@@ -38,11 +38,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     tasks: list[str] = field(default_factory=lambda: ["perception", "calculation", "search"])
-    train_size: int = 256                     # questions per task generated for RL
-    eval_size: int = 64                       # held-out questions per task (disjoint seed)
-    sft_size: int = 512                       # demonstrations per task
+    train_size: int = 128                     # questions per task generated for RL
+    eval_size: int = 48                       # held-out questions per task (disjoint seed)
+    sft_size: int = 400                       # demonstrations per task
     seed: int = 1234
-    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-task knobs by task name
+    # Per-task knobs by task name (see axpo/tasks/*.py). Default: shorter numbers than the task's
+    # own default, so the tiny CPU model can learn to copy them into a python call.
+    task_options: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"calculation": {"digits_a": [2, 3], "digits_b": [1, 2]}})
     demo_options: dict[str, Any] = field(default_factory=dict)             # demonstration mix knobs
     train_file: str | None = None             # user JSONL/parquet (replaces built-in tasks when set)
     eval_file: str | None = None
@@ -65,7 +68,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_turn_tokens: int = 96                 # tokens sampled per assistant turn
+    max_turn_tokens: int = 64                 # tokens sampled per assistant turn
     max_turns: int = 3                        # assistant turns (tool calls + answer)
     max_total_tokens: int = 1536              # whole trajectory budget (prompt included)
     block_size: int = 16
@@ -135,8 +138,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=60, lr=2e-3, questions_per_step=16))
-    rl: StageConfig = field(default_factory=lambda: StageConfig(steps=20, questions_per_step=8))
+    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=3e-3, questions_per_step=16))
+    rl: StageConfig = field(default_factory=lambda: StageConfig(steps=30, lr=5e-4, questions_per_step=8))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 

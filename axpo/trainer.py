@@ -291,7 +291,9 @@ class Trainer:
                 self.scheduler.step()
             self.sync_engine()
             gen_tokens = distributed.all_reduce_sum(sum(new_tokens(tr) for tr in trajs), d)
-            diag = distributed.all_reduce_mean(diag, d)
+            counts = {k: diag.pop(k) for k in ("prefixes_selected", "extra_rollouts")}
+            diag = {**distributed.all_reduce_mean(diag, d),
+                    **{k: distributed.all_reduce_sum(v, d) for k, v in counts.items()}}
             dt = time.time() - t
             metrics = {**diag, **stats, "reward": diag["accuracy"], "lr": self.scheduler.get_last_lr()[0],
                        "rollout_time": t_roll, "step_time": dt, "tokens_per_s": gen_tokens / dt,

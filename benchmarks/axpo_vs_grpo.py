@@ -4,8 +4,8 @@ From one SFT checkpoint, trains each method over several seeds with the real tra
 (`torchrun axpo/train.py`), evaluates each final policy (Pass@1, Pass@4, tool-use rate), and writes
 `benchmarks/results/axpo_vs_grpo.md` plus PNG curves of tool-use rate and accuracy over steps.
 
-    python benchmarks/axpo_vs_grpo.py                  # CPU default (~1 h on 2 cores)
-    python benchmarks/axpo_vs_grpo.py --scale gpu --config configs/qwen3vl-8b-axpo.yaml --nproc 8
+    python benchmarks/axpo_vs_grpo.py --sft-run runs/default   # CPU: reuse the default run's SFT
+    python benchmarks/axpo_vs_grpo.py --config configs/qwen3vl-8b-axpo.yaml --nproc 8   # a GPU node
 
 Every run's folder stays under --work (metrics.jsonl, evals.json, plots) for inspection.
 """
@@ -62,10 +62,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--scale", choices=["cpu", "gpu"], default="cpu",
-                    help="gpu: keep the config's sizes; cpu: the overrides below apply")
     ap.add_argument("--rl-steps", type=int, default=None, help="override rl.steps")
     ap.add_argument("--work", default=str(ROOT / "runs" / "axpo_vs_grpo"))
+    ap.add_argument("--sft-run", default=None,
+                    help="reuse the SFT stage of this run folder (same config), e.g. runs/default")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
     args = ap.parse_args()
@@ -77,11 +77,18 @@ def main() -> None:
     t0 = time.time()
 
     # 1. One SFT checkpoint shared by every method and seed.
-    sft_dir = work / "sft"
-    latest = sft_dir / "checkpoints" / "latest"
-    if not latest.exists():
-        train(sft_dir, args.config, args.nproc, common + ["rl.steps=0"])
-    sft_ckpt = sft_dir / "checkpoints" / latest.read_text().strip()
+    if args.sft_run:
+        sft_dir = Path(args.sft_run)
+        ckpts = sorted((sft_dir / "checkpoints").glob("step_sft_*"))
+        if not ckpts:
+            raise SystemExit(f"--sft-run {sft_dir}: no SFT checkpoint in {sft_dir / 'checkpoints'}")
+        sft_ckpt = ckpts[-1]
+    else:
+        sft_dir = work / "sft"
+        latest = sft_dir / "checkpoints" / "latest"
+        if not latest.exists():
+            train(sft_dir, args.config, args.nproc, common + ["rl.steps=0"])
+        sft_ckpt = sft_dir / "checkpoints" / latest.read_text().strip()
     sft_eval = json.loads((sft_dir / "evals.json").read_text())["after_sft"]
 
     # 2. RL per method and seed.
@@ -112,8 +119,8 @@ def main() -> None:
         "# AXPO vs GRPO on the built-in tasks", "",
         f"Command: `python benchmarks/axpo_vs_grpo.py {' '.join(sys.argv[1:])}`  ",
         f"Config: `{Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config}`,"
-        f" seeds {args.seeds}, {args.nproc} processes; total wall time {(time.time() - t0) / 60:.0f} min "
-        "(cached runs not re-timed).", "",
+        f" seeds {args.seeds}, {args.nproc} processes; SFT checkpoint `{sft_ckpt.relative_to(ROOT) if sft_ckpt.is_relative_to(ROOT) else sft_ckpt}`; "
+        f"RL wall time {(time.time() - t0) / 60:.0f} min (runs found already done are not re-timed).", "",
         f"Mean ± sample std over {n_seeds} seeds. Pass@k from the held-out built-in questions "
         "(unbiased estimator, n = trainer.eval_samples). Tool use during RL: first and last step "
         "(training rollouts). Rollout tokens: every token the policy sampled during RL, extra branches "

@@ -46,3 +46,9 @@ def test_train_help_lists_groups():
                          capture_output=True, text=True, check=True).stdout
     for group in ("model", "data", "tools", "rollout", "algo", "optim", "sft", "rl", "trainer"):
         assert f"  {group} " in out
+
+
+def test_default_yaml_is_the_builtin_default():
+    """`axpo/train.py` with no --config runs the built-in defaults; configs/default.yaml spells
+    out the same run."""
+    assert load_config(ROOT / "configs" / "default.yaml") == Config()

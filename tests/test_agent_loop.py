@@ -1,0 +1,102 @@
+"""The agent loop on real rollouts of the tiny Qwen3-VL with the real engine and tools: trajectory
+invariants (aligned per-token lists, image pads == grid sizes, masks, cut indices), malformed calls
+turned into tool errors the model reads, and the turn limit flagged."""
+
+import copy
+import json
+
+import pytest
+
+from axpo.agent.format import AgentFormat
+from axpo.agent.loop import AgentLoop
+from axpo.config import RolloutConfig
+from axpo.rollout.engine import Engine
+from axpo.tasks import generate_task
+from axpo.tools import build_tools
+
+
+@pytest.fixture()
+def make_loop(tiny_model, tiny_processor):
+    def make(**kw):
+        fmt = AgentFormat(tiny_processor)
+        engine = Engine(copy.deepcopy(tiny_model), max_kv_tokens=65536)
+        cfg = RolloutConfig(**{"group_size": 3, "max_turn_tokens": 16, "max_turns": 3,
+                               "max_total_tokens": 2048, **kw})
+        return AgentLoop(engine, fmt, build_tools(["image_zoom_in", "python", "search"]), cfg, seed=1), fmt
+    return make
+
+
+def _samples():
+    small = {"image_size_min": 320, "image_size_max": 320}
+    return (generate_task("perception", 1, 5, small) + generate_task("calculation", 1, 5)
+            + generate_task("search", 1, 5))
+
+
+def _forced(fmt, call_json: str) -> list[int]:
+    return fmt.tokenizer("Use the tool.\n</think>\n\n<tool_call>\n" + call_json + "\n</tool_call>",
+                         add_special_tokens=False)["input_ids"]
+
+
+def test_free_rollouts_keep_invariants(make_loop):
+    loop, fmt = make_loop()
+    samples = _samples()
+    trajs = loop.rollout(samples, 3, step=0)
+    assert len(trajs) == 9 and len({t.uid for t in trajs}) == 9
+    for t in trajs:
+        t.check(fmt.image_pad, fmt.merge_size)
+        assert t.finished or t.truncated
+        assert t.tokens[:t.prompt_len] == trajs[3 * t.group].tokens[:t.prompt_len]  # shared prompt
+        # Sampled tokens carry behaviour log-probs and entropies; the rest are zeros.
+        for m, lp, en in zip(t.loss_mask, t.logprobs, t.entropies):
+            assert (lp <= 0.0 and en >= 0.0) if m else (lp == 0.0 and en == 0.0)
+        # What the engine holds is exactly the trajectory's tokens.
+        assert loop.engine.tokens(t.seq_id)[:len(t.tokens)] == t.tokens
+    loop.release(trajs)
+    assert loop.engine.stats["blocks_used"] == 0
+
+
+def test_tool_round_trip_and_cut_index(make_loop):
+    loop, fmt = make_loop()
+    perception = _samples()[0]
+    call = json.dumps({"name": "image_zoom_in", "arguments": {"bbox_2d": [0, 0, 500, 500], "label": "q"}})
+    trajs = loop.rollout([perception], 2, step=0, response_prefix={perception.uid: _forced(fmt, call)})
+    for t in trajs:
+        t.check(fmt.image_pad, fmt.merge_size)
+        c = t.tool_calls[0]
+        assert c.error is None and c.name == "image_zoom_in"
+        assert t.tokens[c.start] == fmt.tool_call and t.tokens[c.end - 1] == fmt.tool_call_end
+        assert len(t.images) == 2 and t.image_spans[1].from_tool      # the crop came back
+        # The tool response is masked out of the loss, the sampled turn after it is not.
+        resp_start = c.end
+        assert t.loss_mask[resp_start] == 0 and t.tokens[resp_start] == fmt.im_end
+    loop.release(trajs)
+
+
+@pytest.mark.parametrize("call_text, kind", [
+    ('{"name": "image_zoom_in", "arguments": {"bbox_2d": [10, 10, 5, 5]}}', "empty_box"),
+    ('{"name": "image_zoom_in", "arguments": {"bbox_2d": [0, 0, 10, 10], "img_idx": 7}}', "bad_image_index"),
+    ('{"name": "teleport", "arguments": {}}', "unknown_tool"),
+    ('{"name": "python", "arguments": {"code": 5}}', "bad_arguments"),
+    ('{"name": "search", "arguments": ', "bad_json"),
+])
+def test_malformed_call_becomes_tool_error_and_loop_continues(make_loop, call_text, kind):
+    loop, fmt = make_loop()
+    sample = _samples()[0]
+    trajs = loop.rollout([sample], 1, step=0, response_prefix={sample.uid: _forced(fmt, call_text)})
+    t = trajs[0]
+    t.check(fmt.image_pad, fmt.merge_size)
+    assert t.tool_calls[0].error == kind
+    assert loop.stats.tool_errors[kind] == 1
+    # The error text went back to the model as a tool response, and sampling went on after it.
+    text = fmt.decode(t.tokens[t.tool_calls[0].end:])
+    assert "<tool_response>\nError:" in text and t.turns >= 2
+    loop.release(trajs)
+
+
+def test_turn_limit_is_flagged(make_loop):
+    loop, fmt = make_loop(max_turns=1)
+    sample = _samples()[1]
+    call = json.dumps({"name": "python", "arguments": {"code": "print(1)"}})
+    trajs = loop.rollout([sample], 1, step=0, response_prefix={sample.uid: _forced(fmt, call)})
+    assert trajs[0].truncated and not trajs[0].finished and loop.stats.turn_limit_hits == 1
+    loop.release(trajs)
