@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from axpo.distributed import Dist, full_state_dict
 
@@ -85,11 +85,10 @@ class Checkpointer:
 
 
 def load_model_weights(model, path: str | Path) -> None:
-    """Load only the model part of a DCP checkpoint (for evaluation of a checkpoint)."""
-    sd = get_state_dict(model, [], options=StateDictOptions())[0]
-    state = {"model": sd}
+    """Load only the model part of a DCP checkpoint (to evaluate it, or to start RL from it)."""
+    state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, [], model_state_dict=state["model"])
+    set_model_state_dict(model, state["model"])
 
 
 def export_hf(policy, processor, out_dir: str | Path, d: Dist) -> Path | None:

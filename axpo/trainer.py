@@ -47,7 +47,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def config_for_checkpoint(checkpoint: str, config: str | None, overrides: list[str]) -> Config:
     """The config a checkpoint was trained with (run_dir/config.yaml), unless one is given."""
     if config is None:
-        for p in (Path(checkpoint).parent.parent / "config.yaml", Path(checkpoint) / "config.yaml"):
+        ck = Path(checkpoint)
+        # run/checkpoints/step_x (DCP) or run/hf (Hugging Face export)
+        for p in (ck.parent.parent / "config.yaml", ck.parent / "config.yaml"):
             if p.exists():
                 config = str(p)
                 break

@@ -59,3 +59,28 @@ def test_nan_loss_skips_step_and_keeps_weights(tiny_processor):
     stats = _run(policy, _trajs(), [float("nan"), 1.0, 0.0, -1.0], budget=10_000)
     assert stats["skipped"] == 1
     assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_update_moves_probability_toward_positive_advantage(tiny_processor):
+    """Direction check of the whole update (loss sign, masks, shifts): one step makes the rollout
+    with positive advantage more likely and the one with negative advantage less likely."""
+    _run.processor = tiny_processor
+    policy = PolicyModel(build_tiny_model(seed=3, processor=tiny_processor))
+    trajs = _trajs((30, 30))
+    fmt = AgentFormat(tiny_processor)
+    from axpo.update import old_logprobs
+
+    rows = [{"tokens": t.tokens, "pixel_values": [], "grids": []} for t in trajs]
+
+    def seq_logp():
+        lp, _ = old_logprobs(policy, rows, fmt, 10_000, 1.0, Dist())
+        return [float((lp_i * torch.tensor(t.loss_mask, dtype=torch.float32)).sum()) for lp_i, t in zip(lp, trajs)]
+
+    before = seq_logp()
+    opt = torch.optim.SGD(policy.parameters(), lr=0.05)
+    masks = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in trajs]
+    adv = [torch.full((30,), 1.0), torch.full((30,), -1.0)]
+    policy_update(policy, opt, trajs, adv, masks, fmt=fmt, d=Dist(), budget=10_000, temperature=1.0,
+                  clip_low=0.2, clip_high=0.28, beta=0.0, agg="token-mean", epochs=1, grad_clip=1e9)
+    after = seq_logp()
+    assert after[0] > before[0] and after[1] < before[1]
