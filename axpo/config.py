@@ -224,9 +224,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
 def from_dict(cls, data: dict, where: str = ""):
+    """Build `cls` from a (partial) mapping. A partial sub-mapping is merged onto that field's own
+    default (e.g. `sft.steps=5` keeps the run's default `sft.lr`), not onto the sub-class's."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
@@ -234,6 +250,11 @@ def from_dict(cls, data: dict, where: str = ""):
             f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
+        default = _field_default(fields[name])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = _deep_merge(dataclasses.asdict(default), value)
+        elif isinstance(value, dict) and isinstance(default, dict):
+            value = _deep_merge(default, value)
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     return cls(**kwargs)
 

@@ -257,10 +257,30 @@ class Trainer:
                                               self.src.tools.schemas(demo.tools))
         return self._demo_cache[i]
 
+    def _reference_policy(self) -> PolicyModel:
+        """The frozen policy of the KL term: the weights RL started from (`init_from`, else the
+        final SFT checkpoint, else the current weights), so a resumed run uses the same one. A
+        full copy per rank: fine for small models; shard it like the policy for large ones."""
+        ref = PolicyModel(copy.deepcopy(self.engine.model)).eval()
+        src = self.cfg.trainer.init_from
+        if src is None:
+            done = sorted(self.ckpt.root.glob("step_sft_*"))
+            src = str(done[-1]) if done else None
+        if src is not None and (Path(src) / "config.json").exists():
+            from transformers import AutoModelForImageTextToText
+
+            ref.hf.load_state_dict(AutoModelForImageTextToText.from_pretrained(src).state_dict())
+        elif src is not None:
+            load_model_weights(ref, src)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
     def rl(self, start: int) -> None:
         cfg, d = self.cfg, self.d
         a = cfg.algo
         train = self.src.train
+        ref = self._reference_policy() if a.beta > 0 else None
         self.log.start_stage("rl", cfg.rl.steps, start)
         for step in range(start, cfg.rl.steps):
             t = time.time()
@@ -285,7 +305,7 @@ class Trainer:
                 self.policy, self.optimizer, trajs, tok_adv, masks, fmt=self.fmt, d=d,
                 budget=cfg.rl.micro_batch_tokens, temperature=cfg.rollout.temperature,
                 clip_low=a.clip_low, clip_high=a.clip_high, beta=a.beta, agg=a.loss_agg,
-                epochs=a.ppo_epochs, grad_clip=cfg.optim.grad_clip)
+                epochs=a.ppo_epochs, grad_clip=cfg.optim.grad_clip, ref_policy=ref)
             with warnings.catch_warnings():
                 # A step whose rollouts were all masked takes no optimiser step; the schedule still
                 # advances by one step, as it would have otherwise.

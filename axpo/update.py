@@ -56,9 +56,13 @@ def old_logprobs(policy: PolicyModel, rows: list[dict], fmt, budget: int, temper
 def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.Tensor],
                   masks: list[torch.Tensor], *, fmt, d: Dist, budget: int, temperature: float,
                   clip_low: float, clip_high: float, beta: float, agg: str, epochs: int,
-                  grad_clip: float, ref_logps: list[torch.Tensor] | None = None) -> dict:
+                  grad_clip: float, ref_policy: PolicyModel | None = None) -> dict:
+    """`ref_policy` (frozen) is needed when beta > 0: the k3 KL to it is added to the loss."""
+    if beta > 0 and ref_policy is None:
+        raise ValueError("algo.beta > 0 needs a reference policy")
     rows = _rows(trajs)
     old, ents = old_logprobs(policy, rows, fmt, budget, temperature, d)
+    ref_logps = old_logprobs(ref_policy, rows, fmt, budget, temperature, d)[0] if beta > 0 else None
     n_tok = sum(float(m.sum()) for m in masks)
     n_seq = sum(1.0 for m in masks if m.sum() > 0)
     g_tok = all_reduce_sum(n_tok, d)

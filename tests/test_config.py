@@ -52,3 +52,18 @@ def test_default_yaml_is_the_builtin_default():
     """`axpo/train.py` with no --config runs the built-in defaults; configs/default.yaml spells
     out the same run."""
     assert load_config(ROOT / "configs" / "default.yaml") == Config()
+
+
+def test_partial_group_override_keeps_the_run_defaults(tmp_path):
+    """`sft.steps=5` must keep the run's default sft.lr and batch (they are set in Config's default
+    factory, not in StageConfig's own defaults); same through a YAML file and for dict fields."""
+    base = Config()
+    cfg = load_config(None, ["sft.steps=5", "data.task_options.search.num_entities=50"])
+    assert cfg.sft.steps == 5 and cfg.sft.lr == base.sft.lr and cfg.sft.questions_per_step == base.sft.questions_per_step
+    assert cfg.rl == base.rl
+    assert cfg.data.task_options["calculation"] == base.data.task_options["calculation"]
+    assert cfg.data.task_options["search"] == {"num_entities": 50}
+    p = tmp_path / "c.yaml"
+    p.write_text("rl:\n  lr: 1.0e-4\n")
+    cfg = load_config(p)
+    assert cfg.rl.lr == 1e-4 and cfg.rl.steps == base.rl.steps

@@ -84,3 +84,32 @@ def test_update_moves_probability_toward_positive_advantage(tiny_processor):
                   clip_low=0.2, clip_high=0.28, beta=0.0, agg="token-mean", epochs=1, grad_clip=1e9)
     after = seq_logp()
     assert after[0] > before[0] and after[1] < before[1]
+
+
+def test_kl_to_reference_policy(tiny_processor):
+    """beta > 0: against an identical reference the KL is 0 and the step equals beta = 0's; against
+    a different reference the KL is positive and changes the step."""
+    _run.processor = tiny_processor
+    fmt = AgentFormat(tiny_processor)
+    base = PolicyModel(build_tiny_model(seed=4, processor=tiny_processor))
+    other = PolicyModel(build_tiny_model(seed=5, processor=tiny_processor))
+    trajs = _trajs((25, 31))
+    masks = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in trajs]
+    adv = [torch.full((len(t.tokens),), a) for t, a in zip(trajs, (1.0, -1.0))]
+
+    def step(beta, ref):
+        pol = copy.deepcopy(base)
+        st = policy_update(pol, torch.optim.SGD(pol.parameters(), lr=0.1), trajs, adv, masks, fmt=fmt,
+                           d=Dist(), budget=10_000, temperature=1.0, clip_low=0.2, clip_high=0.28,
+                           beta=beta, agg="token-mean", epochs=1, grad_clip=1e9, ref_policy=ref)
+        return st, pol
+
+    s0, p0 = step(0.0, None)
+    s_same, p_same = step(0.5, copy.deepcopy(base))
+    s_other, p_other = step(0.5, other)
+    assert abs(s_same["kl"]) < 1e-6 and s_other["kl"] > 1e-3
+    for a, b, c in zip(p0.parameters(), p_same.parameters(), p_other.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a, c) for a, c in zip(p0.parameters(), p_other.parameters()))
+    with pytest.raises(ValueError, match="reference policy"):
+        step(0.5, None)
