@@ -280,7 +280,7 @@ def load_model_and_processor(name: str, *, seed: int = 0, tiny: TinyModelConfig 
         if dtype is not None:
             model = model.to(dtype)
         return model, processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     kwargs = {}
     if dtype is not None:

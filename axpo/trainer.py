@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import signal
@@ -39,7 +38,7 @@ from axpo.policy import PolicyModel, pack
 from axpo.rollout.engine import Engine
 from axpo.sft import encode_demo
 from axpo.sources import build_sources
-from axpo.update import policy_update
+from axpo.update import optimizer_step, policy_update
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -234,16 +233,9 @@ class Trainer:
                 loss = -(logp * mask).sum() / max(1.0, g_tok)
                 (loss * d.world).backward()
                 total += float(loss.detach())
-            norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip)
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            loss_all = distributed.all_reduce_sum(total, d)
-            skipped = not (math.isfinite(loss_all) and math.isfinite(norm))
-            if skipped:
-                self.optimizer.zero_grad(set_to_none=True)
-            else:
-                self.optimizer.step()
+            loss_all, norm, skipped = optimizer_step(self.policy, self.optimizer, total, cfg.optim.grad_clip, d)
+            if not skipped:
                 self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             dt = time.time() - t
             self.log.log("sft", step + 1, {"loss": loss_all, "grad_norm": norm, "skipped": float(skipped),
                                            "lr": self.scheduler.get_last_lr()[0], "tokens": g_tok,

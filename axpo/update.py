@@ -21,6 +21,20 @@ from axpo.kernels import clipped_policy_loss
 from axpo.policy import PolicyModel, pack
 
 
+def optimizer_step(policy, optimizer, local_loss: float, grad_clip: float, d: Dist) -> tuple[float, float, bool]:
+    """Clip, then step unless the step's global loss or gradient norm is not finite (then the
+    gradients are dropped and the weights stay untouched). No gradient outlives the call.
+    Returns (global loss, gradient norm, skipped)."""
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    loss_all = all_reduce_sum(local_loss, d)
+    skipped = not (math.isfinite(loss_all) and math.isfinite(norm))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_all, norm, skipped
+
+
 def _rows(trajs) -> list[dict]:
     return [{"tokens": t.tokens, "pixel_values": t.pixel_values, "grids": [s.grid_thw for s in t.image_spans]}
             for t in trajs]
@@ -100,15 +114,10 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
             stats["clip_frac"] += float(st["clip_frac"]) * w / epochs
             stats["ratio"] += float(st["ratio_mean"]) * w / epochs
             stats["kl"] += float(st.get("kl_mean", 0.0)) * w / epochs
-        norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        loss_all = all_reduce_sum(total, d)
-        if not (math.isfinite(loss_all) and math.isfinite(norm)):
-            optimizer.zero_grad(set_to_none=True)
+        loss_all, norm, skipped = optimizer_step(policy, optimizer, total, grad_clip, d)
+        if skipped:
             stats["skipped"] += 1
             continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         stats["loss"] += loss_all / epochs
         stats["grad_norm"] += norm / epochs
     for k in ("clip_frac", "ratio", "kl"):  # local token-share-weighted means: their sum is global

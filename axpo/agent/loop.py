@@ -62,10 +62,7 @@ class AgentLoop:
                 forced = (response_prefix or {}).get(sample.uid)
                 if forced:
                     self.engine.extend(seq, list(forced))
-                    t.tokens.extend(forced)
-                    t.loss_mask.extend([1] * len(forced))
-                    t.logprobs.extend([0.0] * len(forced))   # recomputed before any update
-                    t.entropies.extend([0.0] * len(forced))
+                    t.append(list(forced), sampled=True)
                     if forced[-1] == self.fmt.tool_call_end:
                         t.turns += 1
                         self._after_turn(t, t.prompt_len, "stop", sample)
@@ -97,10 +94,7 @@ class AgentLoop:
                 # The branch must act: "<tool_call>" is prefilled, and trained on like a sampled token
                 # (its behaviour log-prob is recomputed with the rest before the update).
                 self.engine.extend(seq, [self.fmt.tool_call])
-                t.tokens.append(self.fmt.tool_call)
-                t.loss_mask.append(1)
-                t.logprobs.append(0.0)
-                t.entropies.append(0.0)
+                t.append([self.fmt.tool_call], sampled=True)
             out.append(t)
         return out
 
@@ -126,10 +120,7 @@ class AgentLoop:
             still = []
             for t, out in zip(active, outs):
                 turn_start = len(t.tokens)
-                t.tokens.extend(out.token_ids)
-                t.loss_mask.extend([1] * len(out.token_ids))
-                t.logprobs.extend(out.logprobs)
-                t.entropies.extend(out.entropies)
+                t.append(out.token_ids, sampled=True, logprobs=out.logprobs, entropies=out.entropies)
                 t.turns += 1
                 if self._after_turn(t, turn_start, out.finish_reason, samples[t.uid]):
                     still.append(t)
@@ -151,10 +142,7 @@ class AgentLoop:
 
     def _append(self, t: Trajectory, chunk: Chunk, *, from_tool: bool) -> None:
         base = len(t.tokens)
-        t.tokens.extend(chunk.ids)
-        t.loss_mask.extend([0] * len(chunk.ids))
-        t.logprobs.extend([0.0] * len(chunk.ids))
-        t.entropies.extend([0.0] * len(chunk.ids))
+        t.append(chunk.ids, sampled=False)
         for (s, e), grid, pv in zip(chunk.pad_spans, chunk.grids, chunk.pixel_values):
             t.image_spans.append(ImageSpan(base + s, base + e, grid, from_tool))
             t.pixel_values.append(pv)

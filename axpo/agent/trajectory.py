@@ -56,6 +56,15 @@ class Trajectory:
     branch_set: int | None = None
     seq_id: int | None = None     # engine sequence id while live
 
+    def append(self, ids: list[int], *, sampled: bool, logprobs: list[float] | None = None,
+               entropies: list[float] | None = None) -> None:
+        """Extend the per-token lists together. Non-sampled tokens (prompt, tool responses) carry
+        no loss; forced tokens are `sampled` with zero placeholders (recomputed before updates)."""
+        self.tokens.extend(ids)
+        self.loss_mask.extend([int(sampled)] * len(ids))
+        self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+        self.entropies.extend(entropies if entropies is not None else [0.0] * len(ids))
+
     @property
     def used_tool(self) -> bool:
         return len(self.tool_calls) > 0
