@@ -36,6 +36,8 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
     mine = samples[d.rank::d.world]
     per_q, calls, errors, used, total = [], 0, 0, 0, 0
     per_task = defaultdict(list)
+    # (task, used a tool) -> [rollouts, correct]: where the accuracy comes from.
+    split = defaultdict(lambda: [0, 0])
     chunk = 8
     for i in range(0, len(mine), chunk):
         batch = mine[i:i + chunk]
@@ -50,7 +52,11 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
             total += len(ts)
             calls += sum(len(t.tool_calls) for t in ts)
             errors += sum(c2.error is not None for t in ts for c2 in t.tool_calls)
-    parts = all_gather_objects((per_q, dict(per_task), calls, errors, used, total), d)
+            for t in ts:
+                cell = split[(s.task, bool(t.used_tool))]
+                cell[0] += 1
+                cell[1] += reward_fn(t) > 0
+    parts = all_gather_objects((per_q, dict(per_task), calls, errors, used, total, dict(split)), d)
     per_q = [x for p in parts for x in p[0]]
     per_task = defaultdict(list)
     for p in parts:
@@ -65,6 +71,20 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
                 out[f"{task}/pass@{k}"] = sum(pass_at_k(a, c, k) for a, c in qs) / max(1, len(qs))
     out["tool_use_rate"] = used / max(1, total)
     out["tool_error_rate"] = errors / max(1, calls)
+    merged = defaultdict(lambda: [0, 0])
+    for p in parts:
+        for key, (n_roll, n_ok) in p[6].items():
+            merged[key][0] += n_roll
+            merged[key][1] += n_ok
+    for with_tool, name in ((True, "accuracy_with_tool"), (False, "accuracy_without_tool")):
+        cells = [v for (_, u), v in merged.items() if u == with_tool]
+        if sum(c[0] for c in cells):
+            out[name] = sum(c[1] for c in cells) / sum(c[0] for c in cells)
+    for task in sorted({t for t, _ in merged}):
+        rolls = merged[(task, True)][0] + merged[(task, False)][0]
+        out[f"{task}/tool_use_rate"] = merged[(task, True)][0] / max(1, rolls)
+        if merged[(task, True)][0]:
+            out[f"{task}/accuracy_with_tool"] = merged[(task, True)][1] / merged[(task, True)][0]
     out["questions"] = len(per_q)
     return out
 

@@ -5,12 +5,14 @@ tasks by default, or user JSONL/parquet files (`data.train_file`, `data.eval_fil
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from axpo.agent.trajectory import Trajectory
 from axpo.config import Config
 from axpo.data import load_demonstrations, load_samples
-from axpo.tasks import DemoConfig, generate_task, make_demonstrations, task_config, verify
+from axpo.tasks import DemoConfig, generate_task, task_config, verify
+from axpo.tasks.demonstrations import LazyDemonstrations
 from axpo.tools import TOOL_NAMES, build_tools
 from axpo.tools.base import ToolRegistry
 
@@ -23,7 +25,7 @@ SFT_SEED_OFFSET = 20_011
 class Sources:
     train: list
     eval: list
-    demos: list
+    demos: Sequence  # Demonstration items; built-in ones are made lazily (LazyDemonstrations)
     tools: ToolRegistry
     skipped_rows: dict[str, int] = field(default_factory=dict)
 
@@ -69,6 +71,6 @@ def build_sources(cfg: Config, fmt=None) -> Sources:
     if d.sft_file:
         demos = _loaded(d.sft_file, "sft", d.on_bad_row, skipped)
     else:
-        demos = make_demonstrations(builtin(d.seed + SFT_SEED_OFFSET, d.sft_size), tools, seed=d.seed,
-                                    cfg=DemoConfig(**d.demo_options))
+        demos = LazyDemonstrations(d.tasks, d.sft_size, d.seed + SFT_SEED_OFFSET, tools, d.task_options,
+                                   demo_seed=d.seed, cfg=DemoConfig(**d.demo_options))
     return Sources(train, evals, demos, tools, skipped)

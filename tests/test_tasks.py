@@ -137,6 +137,30 @@ def _check_roles(messages):
     assert extract_answer(messages[-1]["content"]) is not None
 
 
+@pytest.mark.parametrize("name", list(TASKS))
+def test_generate_from_an_offset_matches_the_full_stream(name):
+    full = generate_task(name, 5, seed=4)
+    assert [_fingerprint(s) for s in generate_task(name, 2, seed=4, start=3)] == \
+        [_fingerprint(s) for s in full[3:]]
+
+
+def test_lazy_demonstrations_equal_eager_ones(registry):
+    from axpo.tasks.demonstrations import LazyDemonstrations
+
+    cfg = DemoConfig(tool_prob=0.6, wrong_call_prob=0.5)
+    lazy = LazyDemonstrations(list(TASKS), 3, seed=5, registry=registry, demo_seed=2, cfg=cfg)
+    samples = [s for name in TASKS for s in generate_task(name, 3, seed=5)]
+    eager = make_demonstrations(samples, registry, seed=2, cfg=cfg)
+    assert len(lazy) == len(eager) == 3 * len(TASKS)
+    # Any access order (ranks take different items) gives the same demonstrations.
+    for i in [7, 0, len(lazy) - 1, 4, 1]:
+        assert json.dumps(lazy[i].messages) == json.dumps(eager[i].messages)
+        assert lazy[i].uid == eager[i].uid and lazy[i].used_tool == eager[i].used_tool
+    assert lazy[-1].uid == eager[-1].uid
+    with pytest.raises(IndexError):
+        lazy[len(lazy)]
+
+
 def test_demonstrations_are_well_formed(registry):
     samples = [s for name in TASKS for s in generate_task(name, 12, seed=3)]
     demos = make_demonstrations(samples, registry, seed=0, cfg=DemoConfig(tool_prob=0.6, wrong_call_prob=0.5))

@@ -26,6 +26,19 @@ def test_normal_code_and_echo(tool):
     assert r.text.split() == ["1431752", "1431753"]
 
 
+def test_numpy_is_preloaded_only_when_named(tool):
+    from axpo.tools.python_sandbox import DEFAULT_PRELOAD, preload_for
+
+    assert "numpy" not in preload_for("print(37 * 41)", DEFAULT_PRELOAD)
+    assert "math" in preload_for("print(37 * 41)", DEFAULT_PRELOAD)
+    assert {"numpy", "numpy.linalg"} <= set(preload_for("import numpy as np\nnp.ones(2)", DEFAULT_PRELOAD))
+    # Named or not, numpy code runs.
+    r = tool.run("import numpy as np\nprint(int(np.arange(5).sum()))")
+    assert r.error is None and r.text.strip() == "10"
+    r = tool.run("m = __import__('nu' + 'mpy')\nprint(int(m.arange(5).sum()))")
+    assert r.error is None and r.text.strip() == "10"
+
+
 def test_infinite_loop_hits_cpu_limit(tool):
     r = tool.run("while True:\n    pass")
     assert r.error == "timeout"

@@ -126,7 +126,14 @@ def test_eval_cli_same_result_for_dcp_and_hf_checkpoint(smoke_run, tmp_path):
         res.pop("eval_time_s")
         results.append(res)
     assert results[0] == results[1]
-    assert results[0]["questions"] == 12 and "pass@4" in results[0] and "tool_use_rate" in results[0]
+    res = results[0]
+    assert res["questions"] == 12 and "pass@4" in res and "tool_use_rate" in res
+    # The accuracy split by tool use recombines to Pass@1 (n rollouts for every question).
+    u = res["tool_use_rate"]
+    mix = res.get("accuracy_with_tool", 0.0) * u + res.get("accuracy_without_tool", 0.0) * (1 - u)
+    assert abs(mix - res["pass@1"]) < 1e-9
+    tasks = {k.split("/")[0] for k in res if k.endswith("/pass@1")}
+    assert abs(sum(res[f"{t}/tool_use_rate"] for t in tasks) / len(tasks) - u) < 1e-9
 
 
 def test_init_from_starts_rl_from_given_weights(smoke_run, tmp_path):

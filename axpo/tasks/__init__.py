@@ -45,5 +45,7 @@ def task_config(name: str, options: dict[str, Any] | None = None):
     return cls(**options)
 
 
-def generate_task(name: str, n: int, seed: int, options: dict[str, Any] | None = None) -> list[Sample]:
-    return TASKS[name].generate(n, seed, task_config(name, options))
+def generate_task(name: str, n: int, seed: int, options: dict[str, Any] | None = None,
+                  start: int = 0) -> list[Sample]:
+    """Samples start .. start+n-1 of the task's stream for `seed` (each depends only on its index)."""
+    return TASKS[name].generate(n, seed, task_config(name, options), start)

@@ -46,10 +46,10 @@ def _evaluate(expr: str) -> int:
     return int(eval(expr, {"__builtins__": {}}))
 
 
-def generate(n: int, seed: int, cfg: CalculationConfig | None = None) -> list[Sample]:
+def generate(n: int, seed: int, cfg: CalculationConfig | None = None, start: int = 0) -> list[Sample]:
     cfg = cfg or CalculationConfig()
     samples = []
-    for i in range(n):
+    for i in range(start, start + n):  # sample i depends only on (seed, i)
         rng = random.Random(f"calculation-{seed}-{i}")
         kind = rng.choice(cfg.kinds)
         expr = _expression(kind, rng, cfg)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from axpo.tasks.base import Demonstration, Sample, TaskSpec, answers_match, user_message
 from axpo.tools.base import ToolContext, ToolRegistry, ToolResult
@@ -92,6 +94,37 @@ def make_demonstrations(samples: list[Sample], registry: ToolRegistry, seed: int
         rng = random.Random(f"demo-{seed}-{sample.uid}")
         out.append(demonstrate(sample, TASKS[sample.task], registry, rng, cfg))
     return out
+
+
+class LazyDemonstrations(Sequence):
+    """`size` demonstrations per task, made on first access (sample, real tool calls and all).
+
+    SFT visits each demonstration about once, on one rank, so generating all of them up front
+    would cost every rank the whole set's tool calls and hold every full-resolution image (about
+    5 MB per perception sample). Item i is the same on every rank and in every run: it depends
+    only on (task, seed, index). Nothing is cached here; the trainer caches encoded tokens."""
+
+    def __init__(self, tasks: list[str], size: int, seed: int, registry: ToolRegistry,
+                 task_options: dict[str, Any] | None = None, demo_seed: int = 0,
+                 cfg: DemoConfig | None = None):
+        self.tasks, self.size, self.seed, self.registry = list(tasks), size, seed, registry
+        self.task_options = task_options or {}
+        self.demo_seed, self.cfg = demo_seed, cfg or DemoConfig()
+
+    def __len__(self) -> int:
+        return len(self.tasks) * self.size
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"demonstration {i} out of range ({len(self)})")
+        i %= len(self)
+        from axpo.tasks import generate_task
+
+        task = self.tasks[i // self.size]
+        [sample] = generate_task(task, 1, self.seed, self.task_options.get(task), start=i % self.size)
+        return make_demonstrations([sample], self.registry, self.demo_seed, self.cfg)[0]
 
 
 def count_images(messages: list[dict]) -> int:

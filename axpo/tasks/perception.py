@@ -86,12 +86,12 @@ def _box(cx: float, cy: float, side_px: float, width: int, height: int) -> list[
     return [max(0, round(x - hw)), max(0, round(y - hh)), min(1000, round(x + hw)), min(1000, round(y + hh))]
 
 
-def generate(n: int, seed: int, cfg: PerceptionConfig | None = None) -> list[Sample]:
+def generate(n: int, seed: int, cfg: PerceptionConfig | None = None, start: int = 0) -> list[Sample]:
     cfg = cfg or PerceptionConfig()
     if cfg.num_choices and cfg.num_choices > len(cfg.colours):
         raise ValueError(f"num_choices={cfg.num_choices} exceeds the {len(cfg.colours)} colours")
     samples = []
-    for i in range(n):
+    for i in range(start, start + n):  # sample i depends only on (seed, i)
         rng = random.Random(f"perception-{seed}-{i}")
         width = rng.randint(cfg.image_size_min, cfg.image_size_max)
         height = rng.randint(cfg.image_size_min, cfg.image_size_max)

@@ -106,11 +106,11 @@ def build_corpus(cfg: SearchTaskConfig | None = None) -> list[Snippet]:
     return list(world(cfg or SearchTaskConfig()).passages)
 
 
-def generate(n: int, seed: int, cfg: SearchTaskConfig | None = None) -> list[Sample]:
+def generate(n: int, seed: int, cfg: SearchTaskConfig | None = None, start: int = 0) -> list[Sample]:
     cfg = cfg or SearchTaskConfig()
     w = world(cfg)
     samples = []
-    for i in range(n):
+    for i in range(start, start + n):  # sample i depends only on (seed, i)
         rng = random.Random(f"search-{seed}-{i}")
         e, attr = rng.choice(w.entities), rng.choice(cfg.attributes)
         _, question, answer_type = ATTRIBUTES[attr]
