@@ -40,13 +40,17 @@ class DataConfig:
     tasks: list[str] = field(default_factory=lambda: ["perception", "calculation", "search"])
     train_size: int = 128                     # questions per task generated for RL
     eval_size: int = 48                       # held-out questions per task (disjoint seed)
-    sft_size: int = 400                       # demonstrations per task
+    sft_size: int = 2000                      # demonstrations per task (made lazily, ~once each)
     seed: int = 1234
-    # Per-task knobs by task name (see axpo/tasks/*.py). Default: shorter numbers than the task's
-    # own default, so the tiny CPU model can learn to copy them into a python call.
-    task_options: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"calculation": {"digits_a": [2, 3], "digits_b": [1, 2]}})
-    demo_options: dict[str, Any] = field(default_factory=dict)             # demonstration mix knobs
+    # Per-task knobs by task name (see axpo/tasks/*.py). Default: one fixed question layout for
+    # calculation (3-digit x 2-digit, 5-digit result) so the tiny CPU model can learn to copy the
+    # numbers into a python call and back out of its output at fixed offsets.
+    task_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"calculation": {
+        "kinds": ["product"], "digits_a": [2, 2], "digits_b": [1, 1], "result_digits": 3,
+        "estimate_sig_digits": 1}})
+    # Demonstration mix (axpo.tasks.DemoConfig): 60% of demonstrations call a tool, 20% of those
+    # calls are wrong. Fewer tool demonstrations leave too few copy examples for the tiny model.
+    demo_options: dict[str, Any] = field(default_factory=lambda: {"tool_prob": 0.6, "wrong_call_prob": 0.2})
     train_file: str | None = None             # user JSONL/parquet (replaces built-in tasks when set)
     eval_file: str | None = None
     sft_file: str | None = None
@@ -68,7 +72,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_turn_tokens: int = 64                 # tokens sampled per assistant turn
+    max_turn_tokens: int = 128                # tokens sampled per assistant turn (a zoom call is ~90 here)
     max_turns: int = 3                        # assistant turns (tool calls + answer)
     max_total_tokens: int = 1536              # whole trajectory budget (prompt included)
     block_size: int = 16
@@ -138,8 +142,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=3e-3, questions_per_step=16))
-    rl: StageConfig = field(default_factory=lambda: StageConfig(steps=30, lr=5e-4, questions_per_step=8))
+    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=350, lr=3e-3, questions_per_step=16))
+    rl: StageConfig = field(default_factory=lambda: StageConfig(steps=30, lr=2e-4, questions_per_step=8))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 

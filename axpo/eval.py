@@ -34,7 +34,7 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
     same numbers. `step` only seeds sampling (kept apart from training steps)."""
     d = d or Dist()
     mine = samples[d.rank::d.world]
-    per_q, calls, errors, used, total = [], 0, 0, 0, 0
+    per_q, calls, errors, used, total, truncated = [], 0, 0, 0, 0, 0
     per_task = defaultdict(list)
     # (task, used a tool) -> [rollouts, correct]: where the accuracy comes from.
     split = defaultdict(lambda: [0, 0])
@@ -49,6 +49,7 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
             per_q.append((len(ts), c))
             per_task[s.task].append((len(ts), c))
             used += sum(t.used_tool for t in ts)
+            truncated += sum(t.truncated for t in ts)
             total += len(ts)
             calls += sum(len(t.tool_calls) for t in ts)
             errors += sum(c2.error is not None for t in ts for c2 in t.tool_calls)
@@ -56,7 +57,7 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
                 cell = split[(s.task, bool(t.used_tool))]
                 cell[0] += 1
                 cell[1] += reward_fn(t) > 0
-    parts = all_gather_objects((per_q, dict(per_task), calls, errors, used, total, dict(split)), d)
+    parts = all_gather_objects((per_q, dict(per_task), calls, errors, used, total, dict(split), truncated), d)
     per_q = [x for p in parts for x in p[0]]
     per_task = defaultdict(list)
     for p in parts:
@@ -71,6 +72,7 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
                 out[f"{task}/pass@{k}"] = sum(pass_at_k(a, c, k) for a, c in qs) / max(1, len(qs))
     out["tool_use_rate"] = used / max(1, total)
     out["tool_error_rate"] = errors / max(1, calls)
+    out["truncated_rate"] = sum(p[7] for p in parts) / max(1, total)
     merged = defaultdict(lambda: [0, 0])
     for p in parts:
         for key, (n_roll, n_ok) in p[6].items():

@@ -282,6 +282,7 @@ class Trainer:
             base = self.loop.rollout(samples, cfg.rollout.group_size, step=step)
             for tr in base:
                 tr.reward = self.src.reward(tr)
+            truncated = sum(tr.truncated for tr in base) / max(1, len(base))
             by_group = dict(enumerate(samples))
             trajs, diag = expand(self.loop, base, by_group, self.src.reward, a, step=step,
                                  seed=cfg.trainer.seed)
@@ -306,6 +307,7 @@ class Trainer:
             self.sync_engine()
             gen_tokens = distributed.all_reduce_sum(sum(new_tokens(tr) for tr in trajs), d)
             counts = {k: diag.pop(k) for k in ("prefixes_selected", "extra_rollouts")}
+            diag["truncated_rate"] = truncated  # hit max_turn_tokens/max_turns/max_total_tokens
             diag = {**distributed.all_reduce_mean(diag, d),
                     **{k: distributed.all_reduce_sum(v, d) for k, v in counts.items()}}
             dt = time.time() - t

@@ -139,9 +139,12 @@ def main() -> None:
             f"{mean_sd(col('tool_use_first'))} -> {mean_sd(col('tool_use_last'))} | {mean_sd(col('all_wrong_rate'))} | "
             f"{mean_sd(col('trigger_rate'))} | {mean_sd(col('resample_success_rate'))} | "
             f"{mean_sd(col('extra_rollouts'))} | {mean_sd(col('rollout_tokens'))} |")
-    per_task = sorted({k for rs in results.values() for r in rs for k in r["eval"] if "/pass@1" in k})
-    if per_task:
-        lines += ["", "Per task Pass@1:", "", "| method | " + " | ".join(per_task) + " |",
+    for suffix, title in (("/pass@1", "Per task Pass@1"), ("/tool_use_rate", "Per task tool-use rate (eval)"),
+                          ("/accuracy_with_tool", "Per task accuracy of tool-using rollouts (eval)")):
+        per_task = sorted({k for rs in results.values() for r in rs for k in r["eval"] if k.endswith(suffix)})
+        if not per_task:
+            continue
+        lines += ["", f"{title}:", "", "| method | " + " | ".join(per_task) + " |",
                   "|---" * (len(per_task) + 1) + "|"]
         lines.append("| SFT | " + " | ".join(f"{sft_eval.get(k, float('nan')):.3f}" for k in per_task) + " |")
         for m, rs in results.items():

@@ -200,3 +200,14 @@ def test_demonstration_mix_follows_knobs(registry):
     assert 0.3 < correct < 0.75
     accuracy = np.mean([verify(s, d.messages[-1]["content"]) for s, d in zip(samples, demos)])
     assert accuracy < 0.35  # mostly guesses: plenty left for RL to fix
+
+
+def test_perception_oracle_box_depends_only_on_the_cell():
+    samples = generate_task("perception", 40, seed=8)
+    boxes = {}
+    for s in samples:
+        boxes.setdefault((s.meta["row"], s.meta["col"]), set()).add(tuple(s.oracle_call["arguments"]["bbox_2d"]))
+    assert len(boxes) > 5 and all(len(b) == 1 for b in boxes.values())
+    # Without it the box follows each image's own pixel geometry (and differs between sizes).
+    exact = generate_task("perception", 40, seed=8, options={"canonical_box": False})
+    assert any(a.oracle_call != b.oracle_call for a, b in zip(samples, exact))

@@ -46,9 +46,11 @@ def test_run_folder(smoke_run):
     for r in rl:
         for k in ("loss", "reward", "accuracy", "tool_use_rate", "all_wrong_rate", "trigger_rate",
                   "prefixes_selected", "resample_success_rate", "extra_token_share", "zero_var_groups_before",
-                  "zero_var_groups_after", "cut_entropy", "entropy", "grad_norm", "tokens_per_s", "step_time"):
+                  "zero_var_groups_after", "cut_entropy", "entropy", "grad_norm", "tokens_per_s", "step_time",
+                  "truncated_rate"):
             assert k in r, k
-    assert len(ev) == 2 and "pass@1" in ev[0]
+    assert 0 <= r["truncated_rate"] <= 1
+    assert len(ev) == 2 and "pass@1" in ev[0] and "truncated_rate" in ev[0]
     assert (out / "config.yaml").exists() and (out / "summary.md").exists()
     assert list((out / "tensorboard").glob("events.*"))
     assert (out / "rl_tool_use_rate.png").exists() and (out / "rl_reward.png").exists()

@@ -44,6 +44,10 @@ class PerceptionConfig:
     frame_view_px: float = 4.0         # side of the coloured frame square, in view pixels
     box_view_px: float = 8.0           # side of the oracle zoom box, in view pixels
     jitter: float = 0.0                # max target offset from the cell centre, fraction of a cell
+    # With no jitter the oracle box depends only on the cell: centred on it, `box_view_px` of the
+    # nominal view wide. Then a cell has one right call (16 on a 4x4 grid) instead of one per image
+    # size, which a tiny model can learn; the box still covers 8 +- 1 view pixels at every size.
+    canonical_box: bool = True
     num_choices: int = 4               # 0 = free-form colour answer
     colours: list[str] = field(default_factory=lambda: list(PALETTE))
     tools: list[str] = field(default_factory=lambda: ["image_zoom_in"])
@@ -111,6 +115,10 @@ def generate(n: int, seed: int, cfg: PerceptionConfig | None = None, start: int 
             question += f" Options: {format_choices(choices)}."
         question += " " + ANSWER_INSTRUCTION
         box = _box(cx, cy, cfg.box_view_px * scale, width, height)
+        if cfg.canonical_box and cfg.jitter == 0:
+            half = round(cfg.box_view_px / math.sqrt(cfg.view_max_pixels) * 1000 / 2)
+            x, y = round((c + 0.5) * 1000 / cfg.grid), round((r + 0.5) * 1000 / cfg.grid)
+            box = [x - half, y - half, x + half, y + half]
         samples.append(Sample(
             uid=f"perception-{seed}-{i}", task="perception", question=question, images=[img],
             answer=inner, answer_type="choice" if choices else "exact", choices=choices,
