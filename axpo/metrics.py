@@ -115,11 +115,13 @@ def write_summary(run_dir: str | Path, *, evals: dict, wall_time: float, config_
     rl = [r for r in rows if r["stage"] == "rl"]
     lines = [f"# Run summary ({config_name})", "", f"Wall time: {wall_time / 60:.1f} min", ""]
     if evals:
-        keys = sorted({k for e in evals.values() for k in e})
-        lines += ["## Evaluation (held-out built-in tasks)", "",
-                  "| checkpoint | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for name, e in evals.items():
-            lines.append(f"| {name} | " + " | ".join(f"{e.get(k, float('nan')):.3f}" for k in keys) + " |")
+        # One row per metric (overall first, then per task), one column per checkpoint.
+        keys = sorted({k for e in evals.values() for k in e}, key=lambda k: ("/" in k, k))
+        names = list(evals)
+        lines += ["## Evaluation (held-out questions)", "",
+                  "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for k in keys:
+            lines.append(f"| {k} | " + " | ".join(f"{evals[n].get(k, float('nan')):.3f}" for n in names) + " |")
         lines.append("")
     if rl:
         def avg(rs, k):
