@@ -41,7 +41,9 @@ def train(out: Path, config: str, nproc: int, overrides: list[str]) -> float:
         r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}); see {log}")
-    return time.time() - t
+    secs = time.time() - t
+    (out / "wall_time_s").write_text(f"{secs:.1f}\n")  # so a re-run of the script reports it
+    return secs
 
 
 def rows(run: Path, stage: str) -> list[dict]:
@@ -49,8 +51,14 @@ def rows(run: Path, stage: str) -> list[dict]:
 
 
 def mean_sd(xs: list[float]) -> str:
+    """Mean ± sample std over the seeds that have the value (a seed whose policy never used a
+    tool has no accuracy-with-tool); the count is shown when some seeds lack it."""
+    n_all = len(xs)
+    xs = [x for x in xs if x == x]  # drop NaN
     if not xs:
         return "n/a"
+    if len(xs) < n_all:
+        return mean_sd(xs) + f" (n={len(xs)})"
     if len(xs) == 1:
         return f"{xs[0]:.3f}"
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
@@ -115,12 +123,18 @@ def main() -> None:
 
     # 3. Table.
     n_seeds = len(args.seeds)
+    timings = [work / f"{m}_s{seed}" / "wall_time_s" for seed in args.seeds for m in args.methods]
+    if all(p.exists() for p in timings):
+        total = sum(float(p.read_text()) for p in timings)
+        rl_minutes = f"{total / 60:.0f} min for {len(timings)} runs ({total / 60 / len(timings):.1f} min each)"
+    else:
+        rl_minutes = f"{(time.time() - t0) / 60:.0f} min in this invocation (some runs were done before)"
     lines = [
         "# AXPO vs GRPO on the built-in tasks", "",
         f"Command: `python benchmarks/axpo_vs_grpo.py {' '.join(sys.argv[1:])}`  ",
         f"Config: `{Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config}`,"
         f" seeds {args.seeds}, {args.nproc} processes; SFT checkpoint `{sft_ckpt.relative_to(ROOT) if sft_ckpt.is_relative_to(ROOT) else sft_ckpt}`; "
-        f"RL wall time {(time.time() - t0) / 60:.0f} min (runs found already done are not re-timed).", "",
+        f"RL wall time {rl_minutes}.", "",
         f"Mean ± sample std over {n_seeds} seeds. Pass@k from the held-out built-in questions "
         "(unbiased estimator, n = trainer.eval_samples). Tool use during RL: first and last step "
         "(training rollouts). Rollout tokens: every token the policy sampled during RL, extra branches "
