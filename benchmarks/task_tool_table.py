@@ -10,8 +10,9 @@ For every task, over N held-out samples:
   random call   an uninformed call (random box, random numbers, random words), same reading.
 When a reading finds nothing, the policy falls back to its no-tool answer.
 
-    python benchmarks/task_tool_table.py [--n 200] [--seed 100000]
-prints a markdown table and writes it to benchmarks/results/task_tool_table.md.
+    python benchmarks/task_tool_table.py [--n 200] [--seed 100000] [--task-defaults]
+Tasks use the built-in run's options (`DataConfig.task_options`, e.g. the fixed calculation layout)
+unless --task-defaults asks for each task's own defaults. Prints a markdown table and writes it to benchmarks/results/task_tool_table.md.
 """
 
 from __future__ import annotations
@@ -53,13 +54,18 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=200, help="samples per task")
     parser.add_argument("--seed", type=int, default=100_000, help="held-out seed (training uses small seeds)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "task_tool_table.md"))
+    parser.add_argument("--task-defaults", action="store_true",
+                        help="each task's own defaults instead of the built-in run's task options")
     args = parser.parse_args(argv)
+    from axpo.config import DataConfig
+
+    options = {} if args.task_defaults else DataConfig().task_options
 
     registry = build_tools(["image_zoom_in", "python", "search"])
     rows, start = [], time.perf_counter()
     for name, spec in TASKS.items():
         t0 = time.perf_counter()
-        samples = generate_task(name, args.n, args.seed)
+        samples = generate_task(name, args.n, args.seed, options.get(name))
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # python calls wait on subprocesses
             results = list(pool.map(lambda s: run_sample(s, spec, registry, args.seed), samples))
         acc = {p: sum(r[p][0] for r in results) / len(results) for p in POLICIES}
@@ -74,7 +80,8 @@ def main(argv=None) -> None:
         cells = " | ".join(f"{100 * acc[p]:.1f}%" for p in POLICIES)
         lines.append(f"| {name} | `{tool}` | {cells} | {chance} | {errors} | {secs:.1f} s |")
     table = "\n".join(lines)
-    env = (f"n={args.n} per task, seed={args.seed}; {platform.machine()}, {os.cpu_count()} CPUs, "
+    env = (f"task options: {'each task' + chr(39) + 's defaults' if args.task_defaults else 'the built-in run' + chr(39) + 's (DataConfig.task_options)'}; "
+           f"n={args.n} per task, seed={args.seed}; {platform.machine()}, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}; wall time {wall:.1f} s")
     print(table)
     print(env)
