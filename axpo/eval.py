@@ -45,7 +45,8 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
         loop.release(trajs)
         for j, s in enumerate(batch):
             ts = [t for t in trajs if t.group == i + j]
-            c = sum(reward_fn(t) > 0 for t in ts)
+            right = [reward_fn(t) > 0 for t in ts]
+            c = sum(right)
             per_q.append((len(ts), c))
             per_task[s.task].append((len(ts), c))
             used += sum(t.used_tool for t in ts)
@@ -53,10 +54,10 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
             total += len(ts)
             calls += sum(len(t.tool_calls) for t in ts)
             errors += sum(c2.error is not None for t in ts for c2 in t.tool_calls)
-            for t in ts:
+            for t, ok in zip(ts, right):
                 cell = split[(s.task, bool(t.used_tool))]
                 cell[0] += 1
-                cell[1] += reward_fn(t) > 0
+                cell[1] += ok
     parts = all_gather_objects((per_q, dict(per_task), calls, errors, used, total, dict(split), truncated), d)
     per_q = [x for p in parts for x in p[0]]
     per_task = defaultdict(list)

@@ -54,27 +54,50 @@ def batches(tok_ids: list[int], digits: list[int], layout: str, seq_len: int = 9
     return make
 
 
-def build(model: str, theta: float):
+def build(model: str, theta: float | None = None):
+    """(model, processor, copyable token ids, digit ids). theta=None keeps the model's default."""
     from axpo.models import build_tiny_model, build_tiny_processor
 
     proc = build_tiny_processor()
     tok = proc.tokenizer
     if model == "qwen3vl":
-        net = build_tiny_model(processor=proc)
-        net.config.text_config.rope_parameters["rope_theta"] = theta
-        # The rotary embedding caches its inverse frequencies at construction: rebuild it.
-        rotary = net.model.language_model.rotary_emb
-        net.model.language_model.rotary_emb = type(rotary)(config=net.config.text_config)
+        net = build_tiny_model(processor=proc)  # the same seed-0 model the built-in run starts from
+        if theta is not None:
+            net.config.text_config.rope_parameters["rope_theta"] = theta
+            # The rotary embedding caches its inverse frequencies at construction: rebuild it.
+            rotary = net.model.language_model.rotary_emb
+            net.model.language_model.rotary_emb = type(rotary)(config=net.config.text_config)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         net = LlamaForCausalLM(LlamaConfig(
             vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, intermediate_size=384, rope_theta=theta))
+            num_key_value_heads=2, head_dim=32, intermediate_size=384, rope_theta=theta or 1e4))
     special = set(tok.all_special_ids)
     ids = [i for i in range(len(tok)) if i not in special]
     digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
-    return net, ids, digits
+    return net, proc, ids, digits
+
+
+def copy_step(net, opt, x: torch.Tensor, m: torch.Tensor) -> float:
+    """One optimiser step on the loss of the copied tokens (mask m); returns the loss."""
+    logits = net(input_ids=x).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0]
+    mask = m[:, 1:].float()
+    loss = -(logp * mask).sum() / mask.sum()
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def copy_accuracy(net, x: torch.Tensor, m: torch.Tensor) -> float:
+    """Teacher-forced argmax accuracy on the copied tokens."""
+    pred = net(input_ids=x).logits[:, :-1].argmax(-1)
+    hit = m[:, 1:].bool()
+    return ((pred == x[:, 1:]) & hit).sum().item() / hit.sum().item()
 
 
 def main() -> None:
@@ -88,27 +111,17 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     args = ap.parse_args()
     torch.manual_seed(0)
-    net, ids, digits = build(args.model, args.rope_theta)
+    net, _, ids, digits = build(args.model, args.rope_theta)
     make = batches(ids, digits, args.layout)
     held_x, held_m = make(random.Random(999), 64)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95))
     rng, t0 = random.Random(0), time.time()
     for step in range(1, args.steps + 1):
         x, m = make(rng, args.batch)
-        logits = net(input_ids=x).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0]
-        mask = m[:, 1:].float()
-        loss = -(logp * mask).sum() / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        loss = copy_step(net, opt, x, m)
         if step % args.every == 0 or step == args.steps:
-            with torch.no_grad():
-                pred = net(input_ids=held_x).logits[:, :-1].argmax(-1)
-            hit = held_m[:, 1:].bool()
-            acc = ((pred == held_x[:, 1:]) & hit).sum().item() / hit.sum().item()
-            print(f"step {step}: train loss {loss.item():.3f}, held-out copy accuracy {acc:.3f}, "
+            acc = copy_accuracy(net, held_x, held_m)
+            print(f"step {step}: train loss {loss:.3f}, held-out copy accuracy {acc:.3f}, "
                   f"{time.time() - t0:.0f} s", flush=True)
             append_row(os.path.join(RESULTS_DIR, "copy_probe.jsonl"), {
                 "model": args.model, "layout": args.layout, "step": step, "lr": args.lr,
