@@ -114,8 +114,9 @@ class OptimConfig:
 class StageConfig:
     steps: int = 0
     lr: float | None = None                   # overrides optim.lr for this stage
-    questions_per_step: int = 8               # RL: questions per step (all ranks); SFT: demos per step
+    questions_per_step: int = 8               # RL: questions per step (all ranks); SFT: demos; pretrain: sequences
     micro_batch_tokens: int = 4096            # token budget per micro-batch
+    checkpoint_every: int | None = None       # overrides trainer.checkpoint_every for this stage
 
 
 @dataclass
@@ -125,7 +126,7 @@ class TrainerConfig:
     output_dir: str = "runs/default"
     checkpoint_every: int = 10
     resume: bool = False
-    init_from: str | None = None              # start from these weights (DCP checkpoint or HF folder); skips SFT
+    init_from: str | None = None              # start RL from these weights (DCP checkpoint or HF folder); skips pretrain and SFT
     evaluate: bool = True                     # Pass@k on held-out questions after SFT and after RL
     eval_samples: int = 4                     # n samples per question for Pass@k
     log_every: int = 1
@@ -142,6 +143,9 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # Copy pre-training of the tiny base (axpo/pretrain.py); 0 for a real pretrained checkpoint.
+    pretrain: StageConfig = field(default_factory=lambda: StageConfig(
+        steps=750, lr=1.5e-3, questions_per_step=32, checkpoint_every=250))
     sft: StageConfig = field(default_factory=lambda: StageConfig(steps=350, lr=3e-3, questions_per_step=16))
     rl: StageConfig = field(default_factory=lambda: StageConfig(steps=30, lr=2e-4, questions_per_step=8))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

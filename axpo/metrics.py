@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 KEY_METRICS = ("loss", "reward", "accuracy", "tool_use_rate", "trigger_rate")
-PLOTS = ("reward", "accuracy", "tool_use_rate", "all_wrong_rate", "entropy")
+PLOTS = ("loss", "reward", "accuracy", "tool_use_rate", "all_wrong_rate", "entropy", "copy_accuracy")
+STAGE_ORDER = {"pretrain": 0, "sft": 1, "rl": 2, "eval": 3}
 
 
 class MetricsLogger:
@@ -52,7 +53,8 @@ class MetricsLogger:
         # Append-only; after a resume, rows of re-run steps repeat and read_metrics keeps the last.
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        gstep = step if stage == "sft" else 100000 + step
+        # One TensorBoard x-axis for the whole run: stages follow each other.
+        gstep = 100000 * STAGE_ORDER.get(stage, 4) + step
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 if self.tb is not None:
@@ -82,7 +84,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if line.strip():
             r = json.loads(line)
             rows[(r["stage"], r["step"])] = r
-    return sorted(rows.values(), key=lambda r: (r["stage"] != "sft", r["step"]))
+    return sorted(rows.values(), key=lambda r: (STAGE_ORDER.get(r["stage"], 4), r["step"]))
 
 
 def plot_run(run_dir: str | Path, stage: str = "rl") -> list[Path]:
@@ -114,6 +116,11 @@ def write_summary(run_dir: str | Path, *, evals: dict, wall_time: float, config_
     rows = read_metrics(run_dir)
     rl = [r for r in rows if r["stage"] == "rl"]
     lines = [f"# Run summary ({config_name})", "", f"Wall time: {wall_time / 60:.1f} min", ""]
+    pre = [r for r in rows if r["stage"] == "pretrain"]
+    if pre:
+        acc = [(r["step"], r["copy_accuracy"]) for r in pre if "copy_accuracy" in r]
+        lines += ["## Copy pre-training", "", f"{pre[-1]['step']} steps, final loss {pre[-1]['loss']:.3f}; "
+                  "held-out content-based copy accuracy " + ", ".join(f"{a:.3f} (step {s})" for s, a in acc), ""]
     if evals:
         # One row per metric (overall first, then per task), one column per checkpoint.
         keys = sorted({k for e in evals.values() for k in e}, key=lambda k: ("/" in k, k))

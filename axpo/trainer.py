@@ -1,4 +1,4 @@
-"""The run: SFT on demonstrations -> evaluation -> RL (AXPO or GRPO) -> evaluation -> export.
+"""The run: copy pre-training -> SFT on demonstrations -> evaluation -> RL (AXPO or GRPO) -> evaluation -> export.
 
 Each rank holds an FSDP2 shard of the policy for training and a full copy inside its rollout
 engine; after every optimiser step the engine receives the gathered weights. Each rank rolls out
@@ -35,11 +35,13 @@ from axpo.eval import evaluate
 from axpo.metrics import MetricsLogger, plot_run, write_summary
 from axpo.models import load_model_and_processor
 from axpo.policy import PolicyModel, pack
+from axpo.pretrain import CopySequences, copy_accuracy
 from axpo.rollout.engine import Engine
 from axpo.sft import encode_demo
 from axpo.sources import build_sources
 from axpo.update import optimizer_step, policy_update
 
+PRETRAIN_EVAL_EVERY = 250  # pre-training steps between held-out copy-accuracy measurements
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -146,26 +148,31 @@ class Trainer:
     def run(self) -> None:
         t0 = time.time()
         cfg = self.cfg
-        stage, done = "sft", 0
+        stages = {"pretrain": cfg.pretrain, "sft": cfg.sft, "rl": cfg.rl}
+        stage, done = "pretrain", 0
         evals_path = self.run_dir / "evals.json"
         evals = json.loads(evals_path.read_text()) if (cfg.trainer.resume and evals_path.exists()) else {}
         if cfg.trainer.resume and self.ckpt.latest() is not None:
             meta = json.loads((self.ckpt.latest() / "meta.json").read_text())
             stage, done = meta["stage"], meta["step"]
-            self._make_optimizer(cfg.sft if stage == "sft" else cfg.rl)
+            self._make_optimizer(stages[stage])
             self.ckpt.load(self.policy, self.optimizer, self.scheduler)
             if self.d.main:
                 print(f"resumed from {self.ckpt.latest()} ({stage} step {done})", flush=True)
         elif cfg.trainer.init_from:
             self.load_policy(cfg.trainer.init_from)
             stage = "rl"
-            self._make_optimizer(cfg.rl)
-        if stage == "sft":
-            if done < cfg.sft.steps:
+        # Each stage starts with a fresh optimiser and schedule, unless resumed mid-stage.
+        for name, train in (("pretrain", self.pretrain), ("sft", self.sft)):
+            if stage != name:
+                continue
+            if done < stages[name].steps:
                 if self.optimizer is None:
-                    self._make_optimizer(cfg.sft)
-                self.sft(done)
-            stage, done = "rl", 0
+                    self._make_optimizer(stages[name])
+                train(done)
+            self.optimizer = None
+            stage, done = {"pretrain": "sft", "sft": "rl"}[name], 0
+        if self.optimizer is None:
             self._make_optimizer(cfg.rl)
         self.sync_engine()
         if "after_sft" not in evals:
@@ -179,8 +186,8 @@ class Trainer:
         export_hf(self.policy, self.processor, self.run_dir / "hf", self.d)
         if self.d.main:
             if cfg.trainer.plots:
-                plot_run(self.run_dir, "rl")
-                plot_run(self.run_dir, "sft")
+                for name in ("pretrain", "sft", "rl"):
+                    plot_run(self.run_dir, name)
             write_summary(self.run_dir, evals=evals, wall_time=time.time() - t0,
                           config_name=cfg.trainer.output_dir)
 
@@ -202,13 +209,53 @@ class Trainer:
         return out
 
     def _checkpoint(self, stage: str, step: int, total: int) -> None:
-        every = self.cfg.trainer.checkpoint_every
+        every = getattr(self.cfg, stage).checkpoint_every
+        every = self.cfg.trainer.checkpoint_every if every is None else every
         if step == total or (every > 0 and step % every == 0):
             self.ckpt.save(self.policy, self.optimizer, self.scheduler, stage=stage, step=step)
         # Crash drill: AXPO_KILL_AFTER=rl:3 SIGKILLs this process right after that step (no cleanup,
         # like a lost node), so resume can be tested deterministically.
         if os.environ.get("AXPO_KILL_AFTER") == f"{stage}:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def pretrain(self, start: int) -> None:
+        """Copy pre-training (axpo/pretrain.py): each rank trains on its share of the step's
+        sequences; held-out copy accuracy is measured on the engine's synced copy every
+        `PRETRAIN_EVAL_EVERY` steps and at the end."""
+        cfg, d = self.cfg, self.d
+        seqs = CopySequences(self.processor.tokenizer)
+        held_x, held_m = seqs.held_out()
+        self.log.start_stage("pretrain", cfg.pretrain.steps, start)
+        for step in range(start, cfg.pretrain.steps):
+            t = time.time()
+            batch = seqs.step_batch(cfg.trainer.seed, step, cfg.pretrain.questions_per_step)[d.rank::d.world]
+            rows = [{"tokens": x, "pixel_values": [], "grids": []} for x, _ in batch]
+            g_tok = distributed.all_reduce_sum(sum(sum(m[1:]) for _, m in batch), d)
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for mb, real in distributed.even_batches(
+                    micro_batches([len(r["tokens"]) for r in rows], cfg.pretrain.micro_batch_tokens), d):
+                packed = pack([rows[i] for i in mb], self.fmt.pad, self.fmt.image_pad, mb)
+                logp, _ = self.policy(packed, return_entropy=False)
+                mask = torch.zeros_like(logp)
+                for r, i in enumerate(mb):
+                    m = torch.tensor(batch[i][1][1:], dtype=logp.dtype)
+                    mask[r, :m.numel()] = m * float(real)
+                loss = -(logp * mask).sum() / max(1.0, g_tok)
+                (loss * d.world).backward()
+                total += float(loss.detach())
+            loss_all, norm, skipped = optimizer_step(self.policy, self.optimizer, total, cfg.optim.grad_clip, d)
+            if not skipped:
+                self.scheduler.step()
+            metrics = {"loss": loss_all, "grad_norm": norm, "skipped": float(skipped),
+                       "lr": self.scheduler.get_last_lr()[0], "tokens": g_tok}
+            if (step + 1) % PRETRAIN_EVAL_EVERY == 0 or step + 1 == cfg.pretrain.steps:
+                self.sync_engine()   # all ranks gather; rank 0 measures on its full copy
+                if d.main:
+                    metrics["copy_accuracy"] = copy_accuracy(self.engine.model, held_x, held_m)
+            metrics["step_time"] = time.time() - t
+            self.log.log("pretrain", step + 1, metrics)
+            self._checkpoint("pretrain", step + 1, cfg.pretrain.steps)
 
     def sft(self, start: int) -> None:
         cfg, d = self.cfg, self.d

@@ -32,30 +32,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS_DIR, append_row, env_info, timestamp  # noqa: E402
 
-
-def batches(tok_ids: list[int], digits: list[int], layout: str, seq_len: int = 96):
-    fixed_gap = [random.Random(5).choice(tok_ids) for _ in range(40)]
-
-    def make(rng: random.Random, size: int):
-        xs, ms = [], []
-        for _ in range(size):
-            n = 8 if layout == "fixed" else rng.randint(4, 16)
-            pool = digits if rng.random() < 0.5 else tok_ids
-            span = [rng.choice(pool) for _ in range(n)]
-            gap = fixed_gap if layout == "fixed" else [rng.choice(tok_ids) for _ in range(rng.randint(0, 30))]
-            pre = [rng.choice(tok_ids) for _ in range(rng.randint(0, 10))]
-            seq = (pre + span + gap + span)[:seq_len]
-            mask = ([0] * (len(pre) + n + len(gap)) + [1] * n)[:seq_len]
-            pad = seq_len - len(seq)
-            xs.append(seq + [0] * pad)
-            ms.append(mask + [0] * pad)
-        return torch.tensor(xs), torch.tensor(ms)
-
-    return make
+from axpo.pretrain import CopySequences, copy_accuracy  # noqa: E402
 
 
 def build(model: str, theta: float | None = None):
-    """(model, processor, copyable token ids, digit ids). theta=None keeps the model's default."""
+    """(model, processor). theta=None keeps the model's default."""
     from axpo.models import build_tiny_model, build_tiny_processor
 
     proc = build_tiny_processor()
@@ -73,10 +54,7 @@ def build(model: str, theta: float | None = None):
         net = LlamaForCausalLM(LlamaConfig(
             vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, intermediate_size=384, rope_theta=theta or 1e4))
-    special = set(tok.all_special_ids)
-    ids = [i for i in range(len(tok)) if i not in special]
-    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
-    return net, proc, ids, digits
+    return net, proc
 
 
 def copy_step(net, opt, x: torch.Tensor, m: torch.Tensor) -> float:
@@ -92,14 +70,6 @@ def copy_step(net, opt, x: torch.Tensor, m: torch.Tensor) -> float:
     return loss.item()
 
 
-@torch.no_grad()
-def copy_accuracy(net, x: torch.Tensor, m: torch.Tensor) -> float:
-    """Teacher-forced argmax accuracy on the copied tokens."""
-    pred = net(input_ids=x).logits[:, :-1].argmax(-1)
-    hit = m[:, 1:].bool()
-    return ((pred == x[:, 1:]) & hit).sum().item() / hit.sum().item()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["qwen3vl", "llama"], default="llama")
@@ -111,13 +81,13 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=50)
     args = ap.parse_args()
     torch.manual_seed(0)
-    net, _, ids, digits = build(args.model, args.rope_theta)
-    make = batches(ids, digits, args.layout)
-    held_x, held_m = make(random.Random(999), 64)
+    net, proc = build(args.model, args.rope_theta)
+    seqs = CopySequences(proc.tokenizer)
+    held_x, held_m = seqs.tensors(random.Random(999), 64, args.layout)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95))
     rng, t0 = random.Random(0), time.time()
     for step in range(1, args.steps + 1):
-        x, m = make(rng, args.batch)
+        x, m = seqs.tensors(rng, args.batch, args.layout)
         loss = copy_step(net, opt, x, m)
         if step % args.every == 0 or step == args.steps:
             acc = copy_accuracy(net, held_x, held_m)

@@ -41,7 +41,8 @@ def smoke_run(tmp_path_factory):
 
 def test_run_folder(smoke_run):
     out = smoke_run
-    sft, rl, ev = rows(out, "sft"), rows(out, "rl"), rows(out, "eval")
+    pre, sft, rl, ev = rows(out, "pretrain"), rows(out, "sft"), rows(out, "rl"), rows(out, "eval")
+    assert [r["step"] for r in pre] == [1, 2] and "copy_accuracy" in pre[-1]
     assert [r["step"] for r in sft] == [1, 2, 3] and [r["step"] for r in rl] == [1, 2]
     for r in rl:
         for k in ("loss", "reward", "accuracy", "tool_use_rate", "all_wrong_rate", "trigger_rate",
@@ -55,7 +56,9 @@ def test_run_folder(smoke_run):
     assert list((out / "tensorboard").glob("events.*"))
     assert (out / "rl_tool_use_rate.png").exists() and (out / "rl_reward.png").exists()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_rl_000002"
-    assert "Evaluation" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "Evaluation" in summary and "Copy pre-training" in summary
+    assert (out / "pretrain_loss.png").exists() and (out / "sft_loss.png").exists()
 
 
 def test_exported_folder_loads_and_generates(smoke_run):
@@ -87,11 +90,11 @@ def test_sft_step_same_on_one_and_two_processes(tmp_path):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("kill_at", ["sft:2", "rl:1"])
+@pytest.mark.parametrize("kill_at", ["pretrain:1", "sft:2", "rl:1"])
 def test_kill_and_resume_matches_uninterrupted(smoke_run, tmp_path, kill_at):
-    """SIGKILL right after a checkpoint (mid-SFT, where losses depend on the exact weights,
-    optimiser state and data position; and mid-RL, where sampled rollouts must replay), then
-    --resume: every later step and the final weights equal the uninterrupted run's."""
+    """SIGKILL right after a checkpoint (mid-pre-training and mid-SFT, where losses depend on the
+    exact weights, optimiser state and data position; and mid-RL, where sampled rollouts must
+    replay), then --resume: every later step and the final weights equal the uninterrupted run's."""
     stage, step = kill_at.split(":")
     out = tmp_path / "resumed"
     proc = launch(out, background=True, env={"AXPO_KILL_AFTER": kill_at})
@@ -99,7 +102,7 @@ def test_kill_and_resume_matches_uninterrupted(smoke_run, tmp_path, kill_at):
     assert proc.returncode != 0
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stage}_{int(step):06d}"
     launch(out, "--resume")
-    for st, keys in (("sft", ("loss", "grad_norm", "tokens")),
+    for st, keys in (("pretrain", ("loss", "grad_norm", "tokens")), ("sft", ("loss", "grad_norm", "tokens")),
                      ("rl", ("loss", "reward", "tool_use_rate", "trained_tokens", "rollout_tokens", "entropy"))):
         ref, got = rows(smoke_run, st), rows(out, st)
         assert [r["step"] for r in got] == [r["step"] for r in ref]
@@ -145,7 +148,7 @@ def test_init_from_starts_rl_from_given_weights(smoke_run, tmp_path):
 
     out = tmp_path / "init"
     launch(out, f"trainer.init_from={smoke_run / 'hf'}", "rl.steps=1")
-    assert rows(out, "sft") == []
+    assert rows(out, "sft") == [] and rows(out, "pretrain") == []
     a = json.loads((out / "evals.json").read_text())["after_sft"]
     b = json.loads((smoke_run / "evals.json").read_text())["after_rl"]
     a.pop("eval_time_s"), b.pop("eval_time_s")
