@@ -1,6 +1,7 @@
 """Entry point: `torchrun --nproc_per_node=N axpo/train.py [--config configs/x.yaml] [key=value ...]`
-or plain `python axpo/train.py`. Parses the config, builds the run, runs SFT -> RL -> evaluation,
-and always closes the run (process group, loggers) in `finally`."""
+or plain `python axpo/train.py`. Parses the config, builds the run, runs copy pre-training (for the
+tiny base; `pretrain.steps=0` skips it) -> SFT -> RL -> evaluation, and always closes the run
+(process group, loggers) in `finally`."""
 
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ from axpo.config import parse_args  # noqa: E402
 
 
 def main(argv=None) -> None:
-    cfg, _ = parse_args(argv, description="AXPO trainer: SFT on tool-use demonstrations, then RL "
-                                          "(AXPO or GRPO), then evaluation.")
+    cfg, _ = parse_args(argv, description="AXPO trainer: copy pre-training (tiny base), SFT on tool-use "
+                                          "demonstrations, RL (AXPO or GRPO), evaluation.")
     from axpo.trainer import Trainer
 
     trainer = Trainer(cfg)

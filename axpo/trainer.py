@@ -218,6 +218,30 @@ class Trainer:
         if os.environ.get("AXPO_KILL_AFTER") == f"{stage}:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def _supervised_step(self, rows: list[dict], masks: list[list[int]], budget: int) -> dict:
+        """One optimiser step on the masked next-token NLL of this rank's `rows` (mask[j] = 1:
+        token j is a target). The mean is over the masked tokens of all ranks, so the step does
+        not depend on how rows are split over ranks and micro-batches."""
+        d = self.d
+        g_tok = distributed.all_reduce_sum(sum(sum(m[1:]) for m in masks), d)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb, real in distributed.even_batches(micro_batches([len(r["tokens"]) for r in rows], budget), d):
+            batch = pack([rows[i] for i in mb], self.fmt.pad, self.fmt.image_pad, mb)
+            logp, _ = self.policy(batch, return_entropy=False)
+            mask = torch.zeros_like(logp)
+            for r, i in enumerate(mb):
+                m = torch.tensor(masks[i][1:], dtype=logp.dtype)
+                mask[r, :m.numel()] = m * float(real)
+            loss = -(logp * mask).sum() / max(1.0, g_tok)
+            (loss * d.world).backward()   # FSDP averages gradients over ranks
+            total += float(loss.detach())
+        loss_all, norm, skipped = optimizer_step(self.policy, self.optimizer, total, self.cfg.optim.grad_clip, d)
+        if not skipped:
+            self.scheduler.step()
+        return {"loss": loss_all, "grad_norm": norm, "skipped": float(skipped),
+                "lr": self.scheduler.get_last_lr()[0], "tokens": g_tok}
+
     def pretrain(self, start: int) -> None:
         """Copy pre-training (axpo/pretrain.py): each rank trains on its share of the step's
         sequences; held-out copy accuracy is measured on the engine's synced copy every
@@ -230,25 +254,7 @@ class Trainer:
             t = time.time()
             batch = seqs.step_batch(cfg.trainer.seed, step, cfg.pretrain.questions_per_step)[d.rank::d.world]
             rows = [{"tokens": x, "pixel_values": [], "grids": []} for x, _ in batch]
-            g_tok = distributed.all_reduce_sum(sum(sum(m[1:]) for _, m in batch), d)
-            self.optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for mb, real in distributed.even_batches(
-                    micro_batches([len(r["tokens"]) for r in rows], cfg.pretrain.micro_batch_tokens), d):
-                packed = pack([rows[i] for i in mb], self.fmt.pad, self.fmt.image_pad, mb)
-                logp, _ = self.policy(packed, return_entropy=False)
-                mask = torch.zeros_like(logp)
-                for r, i in enumerate(mb):
-                    m = torch.tensor(batch[i][1][1:], dtype=logp.dtype)
-                    mask[r, :m.numel()] = m * float(real)
-                loss = -(logp * mask).sum() / max(1.0, g_tok)
-                (loss * d.world).backward()
-                total += float(loss.detach())
-            loss_all, norm, skipped = optimizer_step(self.policy, self.optimizer, total, cfg.optim.grad_clip, d)
-            if not skipped:
-                self.scheduler.step()
-            metrics = {"loss": loss_all, "grad_norm": norm, "skipped": float(skipped),
-                       "lr": self.scheduler.get_last_lr()[0], "tokens": g_tok}
+            metrics = self._supervised_step(rows, [m for _, m in batch], cfg.pretrain.micro_batch_tokens)
             if (step + 1) % PRETRAIN_EVAL_EVERY == 0 or step + 1 == cfg.pretrain.steps:
                 self.sync_engine()   # all ranks gather; rank 0 measures on its full copy
                 if d.main:
@@ -266,27 +272,9 @@ class Trainer:
             idx = take(len(demos), cfg.sft.questions_per_step, step, cfg.trainer.seed)[d.rank::d.world]
             enc = [self._encoded_demo(i) for i in idx]
             rows = [{"tokens": e.tokens, "pixel_values": e.pixel_values, "grids": e.grids} for e in enc]
-            g_tok = distributed.all_reduce_sum(sum(sum(e.loss_mask) for e in enc), d)
-            self.optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for mb, real in distributed.even_batches(
-                    micro_batches([len(r["tokens"]) for r in rows], cfg.sft.micro_batch_tokens), d):
-                batch = pack([rows[i] for i in mb], self.fmt.pad, self.fmt.image_pad, mb)
-                logp, _ = self.policy(batch, return_entropy=False)
-                mask = torch.zeros_like(logp)
-                for r, i in enumerate(mb):
-                    m = torch.tensor(enc[i].loss_mask[1:], dtype=logp.dtype)
-                    mask[r, :m.numel()] = m * float(real)
-                loss = -(logp * mask).sum() / max(1.0, g_tok)
-                (loss * d.world).backward()
-                total += float(loss.detach())
-            loss_all, norm, skipped = optimizer_step(self.policy, self.optimizer, total, cfg.optim.grad_clip, d)
-            if not skipped:
-                self.scheduler.step()
+            metrics = self._supervised_step(rows, [e.loss_mask for e in enc], cfg.sft.micro_batch_tokens)
             dt = time.time() - t
-            self.log.log("sft", step + 1, {"loss": loss_all, "grad_norm": norm, "skipped": float(skipped),
-                                           "lr": self.scheduler.get_last_lr()[0], "tokens": g_tok,
-                                           "tokens_per_s": g_tok / dt, "step_time": dt})
+            self.log.log("sft", step + 1, {**metrics, "tokens_per_s": metrics["tokens"] / dt, "step_time": dt})
             self._checkpoint("sft", step + 1, cfg.sft.steps)
 
     def _encoded_demo(self, i: int):

@@ -16,7 +16,8 @@ of which is unpredictable) on a fixed held-out batch.
 
 `--model qwen3vl` is the built-in tiny Qwen3-VL (text only); `--model llama` is a Llama of the
 same width and depth (transformers' LlamaForCausalLM), which is much faster on CPU.
-Appends a row per evaluation to benchmarks/results/copy_probe.jsonl.
+Appends a row per evaluation to benchmarks/results/copy_probe.jsonl. The sequences are the ones
+the built-in run's copy pre-training stage trains on (`axpo.pretrain.CopySequences`).
 """
 
 from __future__ import annotations
