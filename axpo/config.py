@@ -146,7 +146,7 @@ class Config:
     # Copy pre-training of the tiny base (axpo/pretrain.py); 0 for a real pretrained checkpoint.
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(
         steps=750, lr=1.5e-3, questions_per_step=32, checkpoint_every=250))
-    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=3e-3, questions_per_step=16))
+    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=350, lr=3e-3, questions_per_step=16))
     rl: StageConfig = field(default_factory=lambda: StageConfig(steps=30, lr=2e-4, questions_per_step=8))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
