@@ -43,7 +43,7 @@ class DataConfig:
     sft_size: int = 2000                      # demonstrations per task (made lazily, ~once each)
     seed: int = 1234
     # Per-task knobs by task name (see axpo/tasks/*.py). Default: one fixed question layout for
-    # calculation (3-digit x 2-digit, 5-digit result) so the tiny CPU model can learn to copy the
+    # calculation (2-digit x 1-digit, 3-digit result) so the tiny CPU model can learn to copy the
     # numbers into a python call and back out of its output at fixed offsets.
     task_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"calculation": {
         "kinds": ["product"], "digits_a": [2, 2], "digits_b": [1, 1], "result_digits": 3,

@@ -80,7 +80,8 @@ def main(argv=None) -> None:
         cells = " | ".join(f"{100 * acc[p]:.1f}%" for p in POLICIES)
         lines.append(f"| {name} | `{tool}` | {cells} | {chance} | {errors} | {secs:.1f} s |")
     table = "\n".join(lines)
-    env = (f"task options: {'each task' + chr(39) + 's defaults' if args.task_defaults else 'the built-in run' + chr(39) + 's (DataConfig.task_options)'}; "
+    source = "each task's defaults" if args.task_defaults else "the built-in run's (DataConfig.task_options)"
+    env = (f"task options: {source}; "
            f"n={args.n} per task, seed={args.seed}; {platform.machine()}, {os.cpu_count()} CPUs, "
            f"Python {platform.python_version()}; wall time {wall:.1f} s")
     print(table)
