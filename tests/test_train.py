@@ -75,19 +75,78 @@ def test_exported_folder_loads_and_generates(smoke_run):
     assert out.shape[1] > batch["input_ids"].shape[1]
 
 
-def test_sft_step_same_on_one_and_two_processes(tmp_path):
-    common = ["sft.steps=1", "rl.steps=0", "trainer.evaluate=false", "trainer.plots=false"]
-    launch(tmp_path / "p1", *common, nproc=1)
-    launch(tmp_path / "p2", *common, nproc=2)
-    l1, l2 = rows(tmp_path / "p1", "sft")[0]["loss"], rows(tmp_path / "p2", "sft")[0]["loss"]
-    assert l1 == pytest.approx(l2, rel=1e-5)
+PARITY = ["sft.steps=1", "rl.steps=0", "trainer.evaluate=false", "trainer.plots=false"]
+
+
+def run_differences(p1: Path, p2: Path) -> list[str]:
+    """What must hold between a 1-process and a 2-process run of the same steps, and why.
+
+    The two runs split each step's rows over a different number of ranks, so the gradients are the
+    same sums in another float order: equal up to rounding, never bit-equal.
+    - Losses are computed before each update from (nearly) the same weights: equal to rel 1e-5.
+    - The global gradient norm before each clip/step is a sum of squares in another order: rel 1e-4.
+    - Weights after the steps: Adam's first updates are lr * m_hat / sqrt(v_hat), about
+      lr * g / (|g| + eps): for an element whose gradient is far above its rounding noise the two
+      updates agree to float precision; for one whose gradient is at the noise level (near zero)
+      the normalisation can turn a 1e-9 difference into anything up to a full step. So every
+      element must lie within the most Adam can move it (2 x the sum of the step sizes taken,
+      |m_hat / sqrt(v_hat)| <= ~1 at these betas), and all but a tiny share (1e-4 of the
+      elements: those with noise-level gradients) must agree to rtol 1e-4 / atol 1e-5.
+    Returns the violations (empty when the runs agree)."""
+    import yaml
     from safetensors.torch import load_file
 
-    w1 = load_file(str(tmp_path / "p1" / "hf" / "model.safetensors"))
-    w2 = load_file(str(tmp_path / "p2" / "hf" / "model.safetensors"))
-    assert set(w1) == set(w2)
+    bad = []
+    for stage in ("pretrain", "sft"):
+        r1, r2 = rows(p1, stage), rows(p2, stage)
+        if [r["step"] for r in r1] != [r["step"] for r in r2]:
+            return [f"{stage}: steps differ"]
+        for a, b in zip(r1, r2):
+            if a["loss"] != pytest.approx(b["loss"], rel=1e-5):
+                bad.append(f"{stage} step {a['step']}: loss {a['loss']} vs {b['loss']}")
+            if a["grad_norm"] != pytest.approx(b["grad_norm"], rel=1e-4):
+                bad.append(f"{stage} step {a['step']}: grad_norm {a['grad_norm']} vs {b['grad_norm']}")
+    # The step sizes actually taken: each stage's lr under the linear warm-up of Trainer._make_optimizer.
+    cfg = yaml.safe_load((p1 / "config.yaml").read_text())
+    warm = max(1, cfg["optim"]["warmup_steps"])
+    step_sum = sum((cfg[st]["lr"] or cfg["optim"]["lr"]) * min(1.0, (s + 1) / warm)
+                   for st in ("pretrain", "sft") for s in range(cfg[st]["steps"]))
+    bound = 2 * 1.01 * step_sum
+    w1 = load_file(str(p1 / "hf" / "model.safetensors"))
+    w2 = load_file(str(p2 / "hf" / "model.safetensors"))
+    if set(w1) != set(w2):
+        return bad + ["exported tensors differ"]
+    n_total = sum(v.numel() for v in w1.values())
+    n_off = 0
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+        diff = (w1[k].double() - w2[k].double()).abs()
+        if float(diff.max()) > bound:
+            bad.append(f"{k}: max |dw| {float(diff.max()):.3g} > Adam bound {bound:.3g}")
+        n_off += int((diff > 1e-5 + 1e-4 * w2[k].double().abs()).sum())
+    if n_off > 1e-4 * n_total:
+        bad.append(f"{n_off} of {n_total} weights differ beyond rtol 1e-4 / atol 1e-5 (allowed: 1e-4 of them)")
+    return bad
+
+
+@pytest.fixture(scope="module")
+def parity_one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("p1")
+    launch(out, *PARITY, nproc=1)
+    return out
+
+
+def test_sft_step_same_on_one_and_two_processes(parity_one_process, tmp_path):
+    launch(tmp_path / "p2", *PARITY, nproc=2)
+    assert run_differences(parity_one_process, tmp_path / "p2") == []
+
+
+def test_parity_check_catches_a_real_difference(parity_one_process, tmp_path):
+    """The same comparison rejects a 2-process run whose SFT step used a 10% larger learning rate:
+    losses and gradient norms still agree (they are measured before that update), so only the
+    weight criterion can catch it, and must."""
+    launch(tmp_path / "p2", *PARITY, "sft.lr=3.3e-3", nproc=2)
+    bad = run_differences(parity_one_process, tmp_path / "p2")
+    assert bad and any("weights differ beyond" in b for b in bad), bad
 
 
 @pytest.mark.parametrize("kill_at", ["pretrain:1", "sft:2", "rl:1"])
