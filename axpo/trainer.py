@@ -199,8 +199,8 @@ class Trainer:
         if not self.cfg.trainer.evaluate:
             return {}
         t = time.time()
-        out = evaluate(self.loop, self.src.eval, self.src.reward, n=self.cfg.trainer.eval_samples,
-                       d=self.d)
+        out = evaluate(self.loop, self.src.eval, self.src.reward_fn("eval"),
+                       n=self.cfg.trainer.eval_samples, d=self.d)
         out["eval_time_s"] = time.time() - t
         if self.d.main:
             print(f"eval {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in out.items()
@@ -307,6 +307,7 @@ class Trainer:
         cfg, d = self.cfg, self.d
         a = cfg.algo
         train = self.src.train
+        reward = self.src.reward_fn("train")
         ref = self._reference_policy() if a.beta > 0 else None
         self.log.start_stage("rl", cfg.rl.steps, start)
         for step in range(start, cfg.rl.steps):
@@ -316,10 +317,10 @@ class Trainer:
             samples = [train[i] for i in mine]
             base = self.loop.rollout(samples, cfg.rollout.group_size, step=step)
             for tr in base:
-                tr.reward = self.src.reward(tr)
+                tr.reward = reward(tr)
             truncated = sum(tr.truncated for tr in base) / max(1, len(base))
             by_group = dict(enumerate(samples))
-            trajs, diag = expand(self.loop, base, by_group, self.src.reward, a, step=step,
+            trajs, diag = expand(self.loop, base, by_group, reward, a, step=step,
                                  seed=cfg.trainer.seed)
             self.loop.release(trajs)
             t_roll = time.time() - t
