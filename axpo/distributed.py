@@ -3,7 +3,13 @@
 Order of parallelisms: data parallel only (FSDP2 = ZeRO-3 style sharding over all ranks). Each
 decoder layer and the vision encoder is one `fully_shard` unit; the root unit (embeddings, final
 norm, LM head) is not resharded after forward, so the fused head uses the gathered LM-head weight
-for the whole micro-batch. gloo on CPU, nccl on GPU; bf16 mixed precision on GPU only.
+for the whole micro-batch. gloo on CPU; on GPU one process group with two backends, nccl for
+CUDA tensors and gloo for CPU ones (object collectives, barriers), so a stray CPU tensor in a
+collective still works instead of failing the first step. Scalar reductions build their tensors on
+the rank's device anyway (NCCL alone has no CPU path).
+
+Mixed precision: with `param_dtype` (bf16 or fp16) FSDP2 keeps fp32 master weights, gradients
+reduced in fp32, and fp32 optimizer state; only the forward/backward compute is in low precision.
 
 Works as a single process too (`python axpo/train.py`): then there is no process group and the
 model is left unsharded.
@@ -46,8 +52,13 @@ def init() -> Dist:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(device))
     return Dist(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo on CPU; on CUDA nccl for device tensors plus gloo for CPU tensors in the same group."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
 
 
 def close(barrier: bool = True) -> None:
@@ -57,8 +68,26 @@ def close(barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def shard(policy: nn.Module, d: Dist, *, mixed_precision: bool, activation_checkpointing: bool) -> nn.Module:
-    """FSDP2-shard a `PolicyModel` (see axpo/policy.py) in place and return it."""
+def mp_policy(param_dtype: torch.dtype | None):
+    """FSDP2's mixed-precision policy: compute in `param_dtype`, reduce gradients in fp32. The
+    sharded parameters (the optimizer's master weights) keep the dtype they were built in, which
+    must be fp32 for low-precision training to work: at lr 1e-6 a bf16 weight (8 mantissa bits)
+    absorbs almost no AdamW update."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if param_dtype is None or param_dtype == torch.float32:
+        return None
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+
+
+def shard(policy: nn.Module, d: Dist, *, mixed_precision: bool = False, activation_checkpointing: bool,
+          param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2-shard a `PolicyModel` (see axpo/policy.py) in place and return it.
+
+    `param_dtype`: the compute dtype under FSDP2 mixed precision (master weights stay in the
+    model's dtype, fp32). `mixed_precision=True` is the older spelling of bf16 compute on GPU."""
+    if param_dtype is None and mixed_precision and d.device.type == "cuda":
+        param_dtype = torch.bfloat16
     hf = policy.hf
     layers = hf.model.language_model.layers
     if activation_checkpointing:
@@ -69,19 +98,33 @@ def shard(policy: nn.Module, d: Dist, *, mixed_precision: bool, activation_check
     if not d.enabled:
         return policy
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(d.device.type, (d.world,))
     kw = {"mesh": mesh}
-    if mixed_precision and d.device.type == "cuda":
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in layers:
-        fully_shard(layer, **kw)
-    if getattr(hf.model, "visual", None) is not None:
-        fully_shard(hf.model.visual, **kw)
-        policy.always_run_vision = True
+    mp = mp_policy(param_dtype)
+    if mp is not None:
+        if any(p.dtype != torch.float32 for p in policy.parameters() if p.is_floating_point()):
+            raise ValueError(f"mixed precision ({param_dtype}) needs fp32 master weights; build the model "
+                             "in float32 and let FSDP cast for compute")
+        kw["mp_policy"] = mp
+    units = fsdp_units(policy)
+    for unit in units[:-1]:
+        fully_shard(unit, **kw)
+    policy.always_run_vision = getattr(hf.model, "visual", None) is not None
     fully_shard(policy, reshard_after_forward=False, **kw)
     return policy
+
+
+def fsdp_units(policy: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units in the order `shard` wraps them: each decoder layer, the vision tower, then
+    the root (the policy: embeddings, final norm, LM head; not resharded after forward). The
+    memory planner (axpo/memory_plan.py) sizes the same units."""
+    hf = policy.hf
+    units = list(hf.model.language_model.layers)
+    if getattr(hf.model, "visual", None) is not None:
+        units.append(hf.model.visual)
+    return units + [policy]
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -99,19 +142,32 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _scalar_tensor(values: list, dtype: torch.dtype, d: Dist) -> torch.Tensor:
+    # On the rank's device: NCCL reduces only CUDA tensors (fp64 is fine there).
+    return torch.tensor(values, dtype=dtype, device=d.device)
+
+
 def all_reduce_mean(values: dict[str, float], d: Dist) -> dict[str, float]:
     if not d.enabled or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = _scalar_tensor([float(values[k]) for k in keys], torch.float64, d)
     dist.all_reduce(t)
     return {k: v / d.world for k, v in zip(keys, t.tolist())}
 
 
-def all_reduce_sum(x: float, d: Dist) -> float:
+def all_reduce_sum(x, d: Dist):
+    """Sum a float, or each value of a dict of floats, over ranks (one collective either way)."""
+    if isinstance(x, dict):
+        if not d.enabled or not x:
+            return dict(x)
+        keys = sorted(x)
+        t = _scalar_tensor([float(x[k]) for k in keys], torch.float64, d)
+        dist.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
     if not d.enabled:
         return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
+    t = _scalar_tensor([float(x)], torch.float64, d)
     dist.all_reduce(t)
     return float(t.item())
 
@@ -119,7 +175,7 @@ def all_reduce_sum(x: float, d: Dist) -> float:
 def all_reduce_max(x: int, d: Dist) -> int:
     if not d.enabled:
         return x
-    t = torch.tensor([int(x)], dtype=torch.long)
+    t = _scalar_tensor([int(x)], torch.long, d)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 

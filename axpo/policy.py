@@ -33,23 +33,43 @@ class PackedBatch:
         """Next-token targets aligned with positions 0..L-2."""
         return self.input_ids[:, 1:]
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
 
-def pack(seqs: list[dict], pad_id: int, image_token_id: int, rows: list[int]) -> PackedBatch:
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """The batch on `device`. FSDP2 moves a forward's tensor arguments to the device, but it
+        does not walk into a dataclass, so the policy moves its batch itself."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        mv = (lambda t: None if t is None else t.to(device))
+        return PackedBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.mm_token_type_ids),
+                           mv(self.pixel_values), mv(self.image_grid_thw), self.rows)
+
+
+def pack(seqs: list[dict], pad_id: int, image_token_id: int, rows: list[int],
+         device: torch.device | str | None = None) -> PackedBatch:
     """seqs: dicts with `tokens` (list[int]), `pixel_values` (list of per-image tensors) and
-    `grids` (list of (t, h, w)). Images are concatenated in row order, as the model expects."""
+    `grids` (list of (t, h, w)). Images are concatenated in row order, as the model expects.
+    The index tensors are built directly on `device` (default CPU) from Python lists: one
+    host-to-device copy each, and no CPU tensor left behind for a CUDA model to trip over."""
     L = max(len(s["tokens"]) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    ids = [list(s["tokens"]) + [pad_id] * (L - len(s["tokens"])) for s in seqs]
+    att = [[1] * len(s["tokens"]) + [0] * (L - len(s["tokens"])) for s in seqs]
+    mm = [[int(t == image_token_id) * a for t, a in zip(r, m)] for r, m in zip(ids, att)]
     pv, grids = [], []
-    for i, s in enumerate(seqs):
-        n = len(s["tokens"])
-        ids[i, :n] = torch.tensor(s["tokens"], dtype=torch.long)
-        att[i, :n] = 1
+    for s in seqs:
         pv += list(s["pixel_values"])
         grids += [tuple(g) for g in s["grids"]]
-    mm = (ids == image_token_id).long() * att
-    return PackedBatch(ids, att, mm, torch.cat(pv, 0) if pv else None,
-                       torch.tensor(grids, dtype=torch.long) if grids else None, rows)
+    long = dict(dtype=torch.long, device=device)
+    pixels = None
+    if pv:
+        pixels = torch.cat(pv, 0)
+        if device is not None:
+            pixels = pixels.to(device)
+    return PackedBatch(torch.tensor(ids, **long), torch.tensor(att, **long), torch.tensor(mm, **long), pixels,
+                       torch.tensor(grids, **long) if grids else None, rows)
 
 
 class PolicyModel(nn.Module):
@@ -71,7 +91,8 @@ class PolicyModel(nn.Module):
     def forward(self, batch: PackedBatch, *, temperature: float = 1.0, return_entropy: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs of the next token (and entropies), shape [B, L-1]; padded positions
-        hold garbage and must be masked by the caller."""
+        hold garbage and must be masked by the caller. The batch is moved to the model's device."""
+        batch = batch.to(self.lm_head.weight.device)
         kwargs = {}
         if batch.pixel_values is not None:
             kwargs = dict(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
