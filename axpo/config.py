@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from axpo.models import TinyModelConfig
+from axpo.tiny import TinyModelConfig
 
 
 class ConfigError(ValueError):
@@ -90,9 +90,12 @@ class AlgoConfig:
     prefixes_per_group: int = 2               # [choice]
     branches_per_prefix: int = 4              # [choice] K
     force_tool_call: bool = True              # [choice] branch starts with "<tool_call>" prefilled
+    train_forced_call: bool = False           # [choice] keep the forced "<tool_call>" in the loss (as if sampled, no importance weight); default: not sampled, no loss
     max_extra_fraction: float = 0.25          # [choice] extra rollouts / base rollouts per batch
     credit: str = "soft"                      # [choice] "soft" | "subgroup" | "tree"
     tree_sqrt_weight: bool = False            # TreeRL's sqrt(leaf count) weighting in "tree" credit
+    prefix_weight: str = "per_sequence"       # [choice] soft/subgroup: "per_sequence" (prefix trained in parent + K branches) | "once" (weight 1/copies per prefix token)
+    brute_force_plan: str = "axpo"            # [choice] brute force's extra rollouts go to the groups AXPO's selection picks ("axpo") | "round_robin" in group order
     advantage: str = "grpo"                   # "grpo" | "dr_grpo"
     clip_low: float = 0.2
     clip_high: float = 0.28                   # DAPO's asymmetric clip-higher
@@ -125,11 +128,19 @@ class TrainerConfig:
     deterministic: bool = False
     output_dir: str = "runs/default"
     checkpoint_every: int = 10
+    # Complete checkpoints kept (the newest ones, plus the newest SFT one, RL's reference policy);
+    # 0/null keeps all. 3 leaves two older complete checkpoints for --resume to fall back to if
+    # the newest is damaged, and bounds the disk use (a Qwen3-VL-8B checkpoint with AdamW state is
+    # ~100 GB).
+    keep_last: int | None = 3
     resume: bool = False
     init_from: str | None = None              # start RL from these weights (DCP checkpoint or HF folder); skips pretrain and SFT
     evaluate: bool = True                     # Pass@k on held-out questions after SFT and after RL
     eval_samples: int = 4                     # n samples per question for Pass@k
     log_every: int = 1
+    # Steps whose loss or gradient norm is NaN/inf are skipped (weights untouched) and logged with
+    # skipped=1; this many in a row stop the run with an error (0 = never stop).
+    max_skipped_steps: int = 5
     tensorboard: bool = True
     wandb: bool = False
     plots: bool = True

@@ -100,3 +100,37 @@ def test_turn_limit_is_flagged(make_loop):
     trajs = loop.rollout([sample], 1, step=0, response_prefix={sample.uid: _forced(fmt, call)})
     assert trajs[0].truncated and not trajs[0].finished and loop.stats.turn_limit_hits == 1
     loop.release(trajs)
+
+
+class _ForkOnlyEngine:
+    """Just what AgentLoop.branch touches: fork a sequence at a cut, extend it."""
+
+    def __init__(self):
+        self.extended = {}
+
+    def fork_at(self, seq, cut, k):
+        return [100 + i for i in range(k)]
+
+    def extend(self, seq, ids, **kw):
+        self.extended.setdefault(seq, []).extend(ids)
+
+
+@pytest.mark.parametrize("train_forced", [False, True])
+def test_forced_tool_call_is_not_trained_unless_asked(tiny_processor, train_forced):
+    from axpo.agent.trajectory import Trajectory
+    from axpo.algo.resample import new_tokens
+
+    fmt = AgentFormat(tiny_processor)
+    engine = _ForkOnlyEngine()
+    loop = AgentLoop(engine, fmt, build_tools(["python"]), RolloutConfig(), seed=0)
+    P, cut = 4, 7
+    parent = Trajectory(uid="p", sample_uid="q", group=0, prompt_len=P, seq_id=1)
+    parent.append([1] * P, sampled=False)
+    parent.append([2, 3, 4, fmt.tool_call, 5], sampled=True, logprobs=[-0.1] * 5, entropies=[0.3] * 5)
+    branches = loop.branch(parent, cut, 2, force_tool_call=True, branch_set=0, train_forced=train_forced)
+    for b in branches:
+        assert b.tokens[cut] == fmt.tool_call and engine.extended[b.seq_id] == [fmt.tool_call]
+        # The policy did not sample the forced opening: no loss on it unless algo.train_forced_call.
+        assert b.loss_mask[cut] == int(train_forced)
+        assert b.loss_mask[:cut] == parent.loss_mask[:cut]
+        assert new_tokens(b) == int(train_forced)        # nothing sampled yet but (maybe) the forced token

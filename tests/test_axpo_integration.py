@@ -5,10 +5,15 @@ the policy acts, and the call fails), then the untrained policy continues on its
 therefore all-wrong among tool users, AXPO triggers, and its branches must: share the failed
 rollout's tokens up to the cut, start with the forced `<tool_call>`, then diverge; cost no prefill of
 the prefix (engine counters); and respect the extra-rollout budget.
+
+With 12-token turns the untrained continuations hit the token limit, so every rollout is truncated.
+Masked truncations are out of AXPO's trigger (rollout.mask_truncated, the default), so the mechanics
+tests score them as ordinary failures (`mask_truncated=False`); one test checks the default.
 """
 
 import copy
 import json
+import math
 import random
 
 import pytest
@@ -51,12 +56,12 @@ def test_branches_share_prefix_then_diverge_without_prefill(setup):
         t.check(fmt.image_pad, fmt.merge_size)
         assert t.used_tool and t.tool_calls[0].error is None      # a real, valid (but wrong) zoom
         assert t.image_spans[-1].from_tool                         # the crop came back as an image
-    group = group_rollouts(base)[0]
+    group = group_rollouts(base, mask_truncated=False)[0]
     assert group.triggered
 
     cfg = AlgoConfig(axpo=True, prefixes_per_group=2, branches_per_prefix=3, max_extra_fraction=1.0)
     before = dict(engine.stats)
-    trajs, diag = expand(loop, base, {0: sample}, reward, cfg, step=0)
+    trajs, diag = expand(loop, base, {0: sample}, reward, cfg, step=0, mask_truncated=False)
     after = engine.stats
     branches = [t for t in trajs if t.parent_uid is not None]
 
@@ -71,7 +76,7 @@ def test_branches_share_prefix_then_diverge_without_prefill(setup):
         b.check(fmt.image_pad, fmt.merge_size)
         assert b.tokens[:cut] == parent.tokens[:cut]               # token-for-token up to the cut
         assert b.tokens[cut] == fmt.tool_call                      # forced opening
-        assert b.loss_mask[cut] == 1
+        assert b.loss_mask[cut] == 0                               # not sampled: no loss by default
     tails = {tuple(b.tokens[cut + 1:]) for b in branches} | {tuple(parent.tokens[cut + 1:])}
     assert len(tails) > 1                                          # they diverge after the cut
 
@@ -91,9 +96,30 @@ def test_axpo_off_adds_nothing_and_brute_force_matches_budget(setup):
     assert trajs == base and diag["extra_rollouts"] == 0
     bf = AlgoConfig(axpo=False, brute_force=True, branches_per_prefix=2, prefixes_per_group=2,
                     max_extra_fraction=1.0)
-    trajs, diag = expand(loop, base, {0: sample}, reward, bf, step=0)
+    trajs, diag = expand(loop, base, {0: sample}, reward, bf, step=0, mask_truncated=False)
     extra = trajs[len(base):]
-    # Budget 4 extra = 2 slots of K=2, both on the one triggered question, as fresh full rollouts.
-    assert len(extra) == 4 and all(t.parent_uid is None and t.cut is None for t in extra)
+    # Brute force spends what AXPO would: the G rollouts share one prefix, so AXPO selects one
+    # prefix (K=2 branches), and brute force adds K=2 fresh full rollouts of that question.
+    ax = AlgoConfig(axpo=True, branches_per_prefix=2, prefixes_per_group=2, max_extra_fraction=1.0)
+    assert len(extra) == 2 and all(t.parent_uid is None and t.cut is None for t in extra)
     assert len({t.uid for t in trajs}) == len(trajs)
+    loop.release(extra)
+    # The older round-robin plan deals out both slots (4 extra), ignoring the duplicate prefixes.
+    rr = AlgoConfig(**{**bf.__dict__, "brute_force_plan": "round_robin"})
+    trajs_rr, _ = expand(loop, base, {0: sample}, reward, rr, step=0, mask_truncated=False)
+    assert len(trajs_rr) - len(base) == 4
+    loop.release(trajs_rr[len(base):])
+    trajs_ax, diag_ax = expand(loop, base, {0: sample}, reward, ax, step=0, mask_truncated=False)
+    assert diag_ax["extra_rollouts"] == diag["extra_rollouts"] == 2
+    loop.release(trajs_ax)
+
+def test_masked_truncations_do_not_trigger(setup):
+    loop, engine, fmt, sample, base, reward = setup
+    assert all(t.truncated and t.used_tool for t in base)
+    # Every tool user was cut off by the token limit: masked, so not evidence that acting failed.
+    assert not group_rollouts(base)[0].triggered
+    cfg = AlgoConfig(axpo=True, prefixes_per_group=2, branches_per_prefix=3, max_extra_fraction=1.0)
+    trajs, diag = expand(loop, base, {0: sample}, reward, cfg, step=0)
+    assert trajs == base and diag["trigger_rate"] == 0.0 and diag["extra_rollouts"] == 0
+    assert math.isnan(diag["resample_success_rate"]) and diag["truncated_rate"] == 1.0
     loop.release(trajs)

@@ -69,10 +69,16 @@ class AgentLoop:
         self.run(trajs, {t.uid: s for t, s in zip(trajs, [s for s in samples for _ in range(n)])}, step=step)
         return trajs
 
-    def branch(self, parent: Trajectory, cut: int, k: int, *, force_tool_call: bool, branch_set: int
-               ) -> list[Trajectory]:
+    def branch(self, parent: Trajectory, cut: int, k: int, *, force_tool_call: bool, branch_set: int,
+               train_forced: bool = False) -> list[Trajectory]:
         """k continuations of `parent` from token `cut` (the start of a tool call), forking the KV of
-        tokens [0, cut) instead of re-prefilling them. The branches are not yet run."""
+        tokens [0, cut) instead of re-prefilling them. The branches are not yet run.
+
+        With `force_tool_call` the branch starts with "<tool_call>" prefilled. The policy did not
+        sample that token, so by default it carries no loss (loss mask 0): a failed branch must not
+        push P(<tool_call>) down as if the policy had chosen it, without any importance weight.
+        `train_forced=True` (algo.train_forced_call) keeps the old behaviour: trained as if
+        sampled (its behaviour log-prob is recomputed with the rest before the update)."""
         if parent.seq_id is None:
             raise ValueError(f"branch: rollout {parent.uid} was already released from the engine")
         if not parent.prompt_len <= cut <= len(parent.tokens):
@@ -91,10 +97,9 @@ class AgentLoop:
                 turns=sum(1 for c in parent.tool_calls if c.end <= cut),
                 parent_uid=parent.uid, cut=cut, branch_set=branch_set, seq_id=seq)
             if force_tool_call:
-                # The branch must act: "<tool_call>" is prefilled, and trained on like a sampled token
-                # (its behaviour log-prob is recomputed with the rest before the update).
+                # The branch must act: "<tool_call>" is prefilled; in the loss only if train_forced.
                 self.engine.extend(seq, [self.fmt.tool_call])
-                t.append([self.fmt.tool_call], sampled=True)
+                t.append([self.fmt.tool_call], sampled=train_forced)
             out.append(t)
         return out
 

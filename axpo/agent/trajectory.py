@@ -58,8 +58,9 @@ class Trajectory:
 
     def append(self, ids: list[int], *, sampled: bool, logprobs: list[float] | None = None,
                entropies: list[float] | None = None) -> None:
-        """Extend the per-token lists together. Non-sampled tokens (prompt, tool responses) carry
-        no loss; forced tokens are `sampled` with zero placeholders (recomputed before updates)."""
+        """Extend the per-token lists together. Non-sampled tokens (prompt, tool responses, and by
+        default an AXPO branch's forced "<tool_call>") carry no loss; forced tokens that are to be
+        trained are `sampled` with zero placeholders (recomputed before updates)."""
         self.tokens.extend(ids)
         self.loss_mask.extend([int(sampled)] * len(ids))
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))

@@ -50,11 +50,12 @@ def score(t: Trajectory, cut: int, rule: str, window: int, rng: random.Random) -
 
 def candidates(group: Group, *, cut_mode: str, rule: str, window: int, rng: random.Random
                ) -> list[Candidate]:
-    """All cut points of the failed tool-using rollouts of a triggered group, best first."""
+    """All cut points of the failed (scored) tool-using rollouts of a triggered group, best first.
+    A masked truncation is no evidence that its call failed, so it is not a candidate."""
     if cut_mode not in ("first", "every"):
         raise ValueError(f"algo.cut: unknown mode {cut_mode!r}; choose 'first' or 'every'")
     out, seen = [], set()
-    for t in group.tool_using:
+    for t in group.failed_tool_using:
         calls = t.tool_calls[:1] if cut_mode == "first" else t.tool_calls
         for call in calls:
             key = tuple(t.tokens[:call.start])
