@@ -3,15 +3,13 @@
 Pass@k uses the unbiased estimator from n >= k samples per question (Chen et al., 2021):
 `1 - C(n - c, k) / C(n, k)` for c correct samples, averaged over questions.
 
-Command line (any checkpoint: a DCP checkpoint folder of a run, or a Hugging Face folder):
+Command line (axpo/eval_cli.py; any checkpoint: a DCP checkpoint folder of a run, or a Hugging Face folder):
     python -m axpo.eval --checkpoint runs/default/checkpoints/step_rl_000020 [--config ...] [key=value ...]
     python -m axpo.eval --checkpoint runs/default/hf
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -92,38 +90,9 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="DCP checkpoint folder or Hugging Face folder")
-    ap.add_argument("--config", default=None, help="run config (default: the run's config.yaml next to "
-                                                    "the checkpoint, else built-in defaults)")
-    ap.add_argument("--samples", type=int, default=4, help="n samples per question")
-    ap.add_argument("--data-file", default=None, help="user JSONL/parquet instead of built-in held-out tasks")
-    ap.add_argument("--out", default=None, help="write the result as JSON here")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    from axpo.trainer import Trainer, config_for_checkpoint
-
-    cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
-    if args.data_file:
-        cfg.data.eval_file = args.data_file
-    cfg.trainer.eval_samples = args.samples
-    cfg.trainer.evaluate = True
-    trainer = Trainer(cfg, for_eval=True)
-    ok = False
-    try:
-        trainer.load_policy(args.checkpoint)
-        result = trainer.evaluate("checkpoint")
-        if trainer.d.main:
-            text = json.dumps(result, indent=1)
-            print(text)
-            if args.out:
-                with open(args.out, "w") as f:
-                    f.write(text + "\n")
-        ok = True
-    finally:
-        trainer.close(clean=ok)
-
-
 if __name__ == "__main__":
+    # The command line lives in axpo/eval_cli.py, which builds a Trainer; this module stays free of
+    # trainer imports (the trainer imports `evaluate` from here).
+    from axpo.eval_cli import main
+
     main(sys.argv[1:])
