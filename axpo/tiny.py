@@ -53,18 +53,20 @@ def _corpus() -> list[str]:
     CPU training cost is linear in tokens."""
     import random
 
-    from axpo.tasks import TASKS, generate_task
+    from axpo.tasks import BUILTIN_TASKS, TASKS, generate_task
     from axpo.tasks.search_facts import SearchTaskConfig, build_corpus
     from axpo.tools import TOOL_NAMES, build_tools
 
     lines = []
-    tools = build_tools(list(TOOL_NAMES), documents=[])
+    tools = build_tools(list(TOOL_NAMES), documents=[])   # the built-in tools only, for the same reason
     for schema in tools.schemas():
         lines.append(json.dumps(schema, ensure_ascii=False))
     lines += [f"{sn.title}: {sn.text}" for sn in build_corpus(SearchTaskConfig())[:200]]
     rng = random.Random(0)
     options = {"perception": {"image_size_min": 64, "image_size_max": 64}}
-    for name, spec in TASKS.items():
+    # Built-in tasks only: a plugin's task must not change the tokenizer of the built-in model.
+    for name in BUILTIN_TASKS:
+        spec = TASKS[name]
         for sample in generate_task(name, 40, seed=7, options=options.get(name)):
             lines.append(sample.question)
             lines.append(f"The answer is \\boxed{{{sample.answer}}}.")

@@ -10,19 +10,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from axpo.registry import TASK_REGISTRY, register_task
 from axpo.tasks import calculation, perception, search_facts
 from axpo.tasks.base import (Demonstration, Sample, TaskSpec, answers_match, extract_answer,
                              normalize_text, parse_number, user_message, verify)
 from axpo.tasks.demonstrations import DemoConfig, count_images, make_demonstrations
 
-TASKS: dict[str, TaskSpec] = {
-    "perception": perception.SPEC,
-    "calculation": calculation.SPEC,
-    "search": search_facts.SPEC,
-}
+# The task registry (axpo.register_task adds to it); the built-in tasks register like plugins.
+TASKS = TASK_REGISTRY
+BUILTIN_TASKS = ("perception", "calculation", "search")
+for _spec in (perception.SPEC, calculation.SPEC, search_facts.SPEC):
+    register_task(_spec.name, _spec)
 
 __all__ = [
-    "TASKS", "Sample", "Demonstration", "TaskSpec", "DemoConfig", "extract_answer", "verify",
+    "TASKS", "BUILTIN_TASKS", "register_task", "Sample", "Demonstration", "TaskSpec", "DemoConfig", "extract_answer", "verify",
     "answers_match", "normalize_text", "parse_number", "user_message", "generate_task",
     "task_config", "make_demonstrations", "count_images",
 ]
@@ -31,9 +32,7 @@ __all__ = [
 def task_config(name: str, options: dict[str, Any] | None = None):
     """The task's typed config from a plain dict (e.g. DataConfig.task_options[name]);
     unknown keys are errors naming the valid ones."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
-    cls = TASKS[name].config_cls
+    cls = TASKS.get(name).config_cls   # an unknown name raises, listing the registered tasks
     options = dict(options or {})
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - valid)

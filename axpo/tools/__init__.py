@@ -9,16 +9,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from axpo.registry import TOOLS, make_tool, register_tool
 from axpo.tools.base import (ToolCall, ToolContext, ToolRegistry, ToolResult, Tool, error_result,
                              function_schema, validate_arguments)
 from axpo.tools.image_zoom import ImageZoomTool, ZoomConfig, fit_to_grid, smart_resize
 from axpo.tools.python_sandbox import PythonSandboxTool, SandboxConfig
 from axpo.tools.search import BM25Index, SearchConfig, SearchProvider, SearchTool, Snippet, load_documents
 
-TOOL_NAMES = ("image_zoom_in", "python", "search")
+TOOL_NAMES = ("image_zoom_in", "python", "search")   # the built-in tools; TOOLS.names() has plugins too
 
 __all__ = [
-    "TOOL_NAMES", "Tool", "ToolCall", "ToolContext", "ToolRegistry", "ToolResult", "ToolSetConfig",
+    "TOOL_NAMES", "TOOLS", "register_tool", "Tool", "ToolCall", "ToolContext", "ToolRegistry", "ToolResult", "ToolSetConfig",
     "ImageZoomTool", "ZoomConfig", "PythonSandboxTool", "SandboxConfig", "SearchTool", "SearchConfig",
     "SearchProvider", "Snippet", "BM25Index", "build_tools", "tool_set_config", "error_result",
     "function_schema", "validate_arguments", "fit_to_grid", "smart_resize", "load_documents",
@@ -61,28 +62,39 @@ def tool_set_config(cfg=None) -> ToolSetConfig:
     return out
 
 
+def _zoom(cfg: ToolSetConfig) -> ImageZoomTool:
+    return ImageZoomTool(cfg.zoom)
+
+
+def _python(cfg: ToolSetConfig) -> PythonSandboxTool:
+    return PythonSandboxTool(cfg.python)
+
+
+def _search(cfg: ToolSetConfig, documents: list[Snippet] | None = None,
+            search_provider: SearchProvider | None = None) -> SearchTool:
+    provider = search_provider
+    if provider is None:
+        if documents is None and cfg.search.corpus_path:
+            documents = load_documents(cfg.search.corpus_path)
+        if documents is None:
+            from axpo.tasks.search_facts import SearchTaskConfig, build_corpus
+            documents = build_corpus(SearchTaskConfig())
+        provider = BM25Index(documents)
+    return SearchTool(provider, cfg.search)
+
+
+# The built-ins register like any plugin tool (axpo.register_tool).
+register_tool("image_zoom_in", _zoom)
+register_tool("python", _python)
+register_tool("search", _search)
+
+
 def build_tools(names: list[str], cfg=None, *, search_provider: SearchProvider | None = None,
                 documents: list[Snippet] | None = None) -> ToolRegistry:
-    """Build the named tools. For `search`, the provider is, in order: `search_provider`; a BM25
-    index over `documents`; over `cfg.search.corpus_path` (JSONL); over the built-in search task's
-    corpus with default task options (pass `documents=build_corpus(task_cfg)` if you changed them)."""
+    """Build the named registered tools. A factory gets the keywords it names among `cfg` (the
+    ToolSetConfig), `documents` and `search_provider`. For `search`, the provider is, in order:
+    `search_provider`; a BM25 index over `documents`; over `cfg.search.corpus_path` (JSONL); over
+    the built-in search task's corpus with default task options."""
     tcfg = tool_set_config(cfg)
-    tools = []
-    for name in names:
-        if name == "image_zoom_in":
-            tools.append(ImageZoomTool(tcfg.zoom))
-        elif name == "python":
-            tools.append(PythonSandboxTool(tcfg.python))
-        elif name == "search":
-            provider = search_provider
-            if provider is None:
-                if documents is None and tcfg.search.corpus_path:
-                    documents = load_documents(tcfg.search.corpus_path)
-                if documents is None:
-                    from axpo.tasks.search_facts import SearchTaskConfig, build_corpus
-                    documents = build_corpus(SearchTaskConfig())
-                provider = BM25Index(documents)
-            tools.append(SearchTool(provider, tcfg.search))
-        else:
-            raise ValueError(f"unknown tool {name!r}; known tools: {', '.join(TOOL_NAMES)}")
-    return ToolRegistry(tools)
+    return ToolRegistry([make_tool(name, cfg=tcfg, documents=documents, search_provider=search_provider)
+                         for name in names])
