@@ -15,6 +15,15 @@
 // likely to still be in cache). Sequence ids are never reused, so a double free is told apart
 // from an id that never existed.
 //
+// Ranges (every count and size is checked before any state changes, with overflow-free
+// arithmetic, and out-of-range values raise std::invalid_argument, i.e. ValueError):
+//   num_blocks, block_size in [1, 2^31), so a slot id (block * block_size + offset) fits in int64;
+//   token counts >= 0 (a count that needs more blocks than are free raises PoolExhausted, whatever
+//   its size); n (children per fork) in [0, kMaxForkChildren]; at most kMaxSequences live sequences,
+//   so an int32 reference count cannot overflow. The Python bindings also reject bool and
+//   non-integer arguments (TypeError) and integers outside int64 (ValueError), as the Python twin
+//   (axpo/rollout/block_manager.py) does, with the same messages.
+//
 // Thread safety: every method takes the manager's mutex. The mutex is never held while
 // re-acquiring the GIL, so the methods that release the GIL for long loops cannot deadlock.
 #pragma once
@@ -84,9 +93,18 @@ class BlockManager {
 
   // Work above which fork/free release the GIL (table entries touched).
   static constexpr int64_t kReleaseGilWork = 1 << 15;
+  // Most children one fork / fork_at may create.
+  static constexpr int64_t kMaxForkChildren = 1 << 16;
+  // Most live sequences (pins included): bounds every reference count below INT32_MAX.
+  static constexpr int64_t kMaxSequences = INT32_MAX;
 
  private:
-  int64_t blocks_for(int64_t tokens) const { return (tokens + block_size_ - 1) / block_size_; }
+  // ceil(tokens / block_size) for tokens >= 0, without overflow.
+  int64_t blocks_for(int64_t tokens) const {
+    return tokens / block_size_ + (tokens % block_size_ != 0 ? 1 : 0);
+  }
+  // Blocks an append of k >= 1 tokens to s needs (fresh blocks, copy-on-write included).
+  int64_t append_need(const Sequence& s, int64_t k, int64_t* fresh) const;
   Sequence& get(int64_t seq, const char* op);
   int64_t new_id() { return next_id_++; }
   int32_t pop_free();

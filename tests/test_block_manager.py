@@ -375,3 +375,196 @@ def test_long_loops(backend):
     t.join()
     assert len(ticks) == 1000
     assert bm.ref_counts()[0] == 1 and bm.num_free_blocks == 1000
+
+
+# -- hostile counts and sizes (issue #18, S7) ------------------------------------------------
+#
+# Every count and size is checked for range and overflow in both backends, with the same
+# exception types and messages. The reproductions run in a subprocess: before the fix some of them
+# crashed the interpreter (exit 139), which must fail the test rather than kill pytest.
+
+import subprocess
+import sys
+import textwrap
+
+_BACKEND_CLASSES = {"python": "bmod.PyBlockManager, bmod.PyPoolExhaustedError",
+                    "cpp": "bmod._C.BlockManager, bmod._C.PoolExhaustedError"}
+_BACKEND_IDS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(not bmod.HAS_C, reason="axpo._C not built"))]
+
+
+def _run_isolated(backend: str, body: str) -> str:
+    """Run `body` with `BM`, `Exhausted` and `expect(exc_type, fn, *args)` bound; return stdout."""
+    # The module is loaded from its file: `import axpo.rollout` would import torch (seconds).
+    script = textwrap.dedent("""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("block_manager_isolated", {path!r})
+        bmod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bmod)
+        BM, Exhausted = {classes}
+        def expect(exc, fn, *args):
+            try:
+                r = fn(*args)
+            except exc as e:
+                print(type(e).__name__, "|", e)
+                return
+            raise SystemExit(f"no {{exc.__name__}} from {{fn.__name__}}{{args}}: returned {{r!r}}")
+    """).format(classes=_BACKEND_CLASSES[backend], path=bmod.__file__) + textwrap.dedent(body)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("backend", _BACKEND_IDS)
+def test_huge_append_then_slots_does_not_crash(backend):
+    """append(s, 2**63-1) overflowed blocks_for in C++; the following slots() read past the table
+    (exit 139). Now the append raises PoolExhausted and the sequence is untouched."""
+    out = _run_isolated(backend, """
+        bm = BM(64, 16)
+        s = bm.allocate(0)
+        expect(Exhausted, bm.append, s, 2**63 - 1)
+        assert bm.num_tokens(s) == 0 and bm.block_table(s) == []
+        expect(ValueError, bm.slots, s, 0, 1)
+        assert bm.append_blocks_needed(s, 2**63 - 1) == 2**59
+    """)
+    assert "append: pool exhausted (need 576460752303423488 blocks, 64 free)" in out
+    assert "slots: range [0, 1) out of [0, 0] for sequence 0" in out
+
+
+@pytest.mark.parametrize("backend", _BACKEND_IDS)
+def test_overflowing_append_gives_no_foreign_blocks(backend):
+    """16 + (2**63 - 26) + 15 overflowed: the append 'succeeded' with no new blocks and slots()
+    then handed out blocks the sequence does not own."""
+    out = _run_isolated(backend, """
+        bm = BM(64, 16)
+        a = bm.allocate(16)
+        b = bm.allocate(16)
+        expect(Exhausted, bm.append, a, 2**63 - 26)
+        assert bm.num_tokens(a) == 16 and bm.block_table(a) == [0]
+        expect(ValueError, bm.slots, a, 0, 40)
+        assert bm.slots(a, 0, 16) == list(range(16))
+        assert bm.ref_counts()[:3] == [1, 1, 0] and bm.num_free_blocks == 62
+    """)
+    assert "append: pool exhausted (need 576460752303423487 blocks, 62 free)" in out
+
+
+@pytest.mark.parametrize("backend", _BACKEND_IDS)
+def test_huge_block_size_rejected(backend):
+    """BlockManager(4, 2**63-1).allocate(5) overflowed ceil(5 / block_size) (a sequence with 5
+    tokens and no block: a segfault on the first slots())."""
+    out = _run_isolated(backend, """
+        expect(ValueError, BM, 4, 2**63 - 1)
+        expect(ValueError, BM, 4, 2**31)
+        bm = BM(4, 2**31 - 1)  # the largest block size: slot ids still fit in int64
+        s = bm.allocate(5)
+        assert bm.block_table(s) == [0] and bm.slots(s, 3, 5) == [3, 4]
+        t = bm.allocate(2**31)
+        assert bm.block_table(t) == [1, 2] and bm.slots(t, 2**31 - 1, 2**31) == [2 * (2**31 - 1)]
+    """)
+    assert "BlockManager: block_size must be in [1, 2^31), got 9223372036854775807" in out
+
+
+@pytest.mark.parametrize("backend", _BACKEND_IDS)
+def test_huge_allocate_is_pool_exhausted(backend):
+    """allocate(2**63-1) raised `ValueError: vector::reserve` in C++; both raise PoolExhausted."""
+    out = _run_isolated(backend, """
+        bm = BM(64, 16)
+        expect(Exhausted, bm.allocate, 2**63 - 1)
+        expect(ValueError, bm.allocate, 2**63)
+        expect(ValueError, bm.allocate, -2**63 - 1)
+        assert bm.num_free_blocks == 64 and bm.sequence_ids() == []
+    """)
+    assert "allocate: pool exhausted (need 576460752303423488 blocks, 64 free)" in out
+    assert "allocate: num_tokens 9223372036854775808 does not fit in 64 bits" in out
+
+
+@pytest.mark.parametrize("backend", _BACKEND_IDS)
+def test_bool_and_non_integer_counts_rejected(backend):
+    out = _run_isolated(backend, """
+        bm = BM(64, 16)
+        expect(TypeError, bm.allocate, True)
+        expect(TypeError, bm.allocate, 3.0)
+        expect(TypeError, bm.allocate, "3")
+        s = bm.allocate(3)
+        expect(TypeError, bm.append, s, False)
+        expect(TypeError, bm.fork, s, True)
+        expect(TypeError, bm.free, True)          # would have freed sequence 1 in the Python twin
+        expect(TypeError, bm.free_many, [s, None])
+        expect(TypeError, BM, True, 16)
+        assert bm.sequence_ids() == [s] and bm.num_tokens(s) == 3
+    """)
+    assert "TypeError | allocate: num_tokens must be an integer, got bool" in out
+    assert "TypeError | allocate: num_tokens must be an integer, got float" in out
+    assert "TypeError | free_many: seq must be an integer, got NoneType" in out
+
+
+@pytest.mark.parametrize("backend", _BACKEND_IDS)
+def test_huge_fork_rejected_up_front(backend):
+    out = _run_isolated(backend, """
+        bm = BM(64, 16)
+        s = bm.allocate(20)
+        expect(ValueError, bm.fork, s, 10**9)
+        expect(ValueError, bm.fork_at, s, 5, 2**63 - 1)
+        expect(ValueError, bm.fork, s, 2**64)
+        assert len(bm.fork(s, bmod.MAX_FORK_CHILDREN)) == bmod.MAX_FORK_CHILDREN
+        expect(ValueError, bm.free, 2**70)
+        assert not bm.has_sequence(2**70) and not bm.has_sequence(-2**70)
+        assert bm.ref_counts()[:2] == [1 + bmod.MAX_FORK_CHILDREN] * 2
+    """)
+    assert "fork: n must be <= 65536, got 1000000000" in out
+    assert "free: unknown sequence 1180591620717411303424" in out
+
+
+# A differential test: the same random operations, with hostile argument values, on both backends.
+
+_HOSTILE_INTS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 40, 41, -1, -2, 2**31 - 1, 2**31, 2**32,
+                 2**62, 2**63 - 26, 2**63 - 2, 2**63 - 1, 2**63, 2**64, 2**100, -2**31, -2**63,
+                 -2**63 - 1, -2**100, bmod.MAX_FORK_CHILDREN + 1]
+_HOSTILE = st.one_of(st.integers(-3, 45), st.sampled_from(_HOSTILE_INTS), st.integers(-2**70, 2**70),
+                     st.sampled_from([True, False, 1.0, float("nan"), None, "1", b"1", [1]]))
+
+
+def _outcome(fn, exhausted):
+    try:
+        return ("ok", fn())
+    except exhausted as e:
+        return ("PoolExhausted", str(e))
+    except (ValueError, TypeError) as e:
+        return (type(e).__name__, str(e))
+
+
+_OPS = ["allocate", "append", "append_blocks_needed", "fork", "fork_at", "free", "free_many", "pin",
+        "unpin", "slots", "num_tokens", "block_table", "has_sequence", "is_pinned"]
+
+
+@pytest.mark.skipif(not bmod.HAS_C, reason="axpo._C not built")
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.tuples(_HOSTILE, _HOSTILE),
+       ops=st.lists(st.tuples(st.sampled_from(_OPS), st.one_of(st.integers(0, 20), _HOSTILE),
+                              _HOSTILE, _HOSTILE), max_size=40))
+def test_backends_identical_on_hostile_values(shape, ops):
+    """Same operations with huge, negative, bool and non-integer values: identical results, or
+    identical exception types and messages, and identical final state."""
+    logs = []
+    for cls, exhausted in [(bmod.PyBlockManager, bmod.PyPoolExhaustedError),
+                           (bmod._C.BlockManager, bmod._C.PoolExhaustedError)]:
+        made = _outcome(lambda: cls(*shape), exhausted)
+        log = [made[0] if made[0] == "ok" else made]
+        bm = made[1] if made[0] == "ok" else cls(10, 4)
+        for op, who, a, b in ops:
+            live = bm.sequence_ids()
+            # Mostly a live sequence (picked by index), otherwise the hostile value itself.
+            seq = live[who % len(live)] if live and isinstance(who, int) and not isinstance(who, bool) \
+                and 0 <= who <= 20 else who
+            fn = getattr(bm, op)
+            call = {"allocate": lambda: fn(a), "append": lambda: fn(seq, a),
+                    "append_blocks_needed": lambda: fn(seq, a), "fork": lambda: fn(seq, a),
+                    "fork_at": lambda: fn(seq, a, b), "free": lambda: fn(seq),
+                    "free_many": lambda: fn([seq, a] if b is None else [seq]), "pin": lambda: fn(seq, a),
+                    "unpin": lambda: fn(seq), "slots": lambda: fn(seq, a, b),
+                    "num_tokens": lambda: fn(seq), "block_table": lambda: fn(seq),
+                    "has_sequence": lambda: fn(seq), "is_pinned": lambda: fn(seq)}[op]
+            log.append((op, _outcome(call, exhausted)))
+        log.append((bm.ref_counts(), bm.free_block_ids(), [bm.block_table(s) for s in bm.sequence_ids()],
+                    [bm.num_tokens(s) for s in bm.sequence_ids()], bm.stats()))
+        logs.append(log)
+    assert logs[0] == logs[1]

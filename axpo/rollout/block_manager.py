@@ -20,14 +20,55 @@ Semantics (after vLLM v0's block manager; `fork_at` is AXPO's truncate-then-fork
 Misuse (unknown sequence, double free, writing a pinned sequence, out-of-range counts) raises
 ValueError; running out of blocks raises PoolExhaustedError (a RuntimeError) and leaves the
 state unchanged.
+
+Arguments are checked before any state changes, in both backends alike (same exception types and
+messages; tests/test_block_manager.py drives both with the same hostile values):
+- every integer argument must be an int (anything with `__index__`) and not a bool: TypeError;
+- a count outside int64 is a ValueError ("does not fit in 64 bits"); a sequence id outside int64
+  is an unknown sequence;
+- num_blocks and block_size are in [1, 2^31), so slot ids fit in int64 and no count overflows;
+- a token count needing more blocks than are free raises PoolExhaustedError whatever its size;
+- a fork creates at most MAX_FORK_CHILDREN children, and at most MAX_SEQUENCES sequences live at
+  once (reference counts are int32 in C++).
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 
-__all__ = ["BlockManager", "PyBlockManager", "PoolExhaustedError", "HAS_C", "make_block_manager"]
+__all__ = ["BlockManager", "PyBlockManager", "PoolExhaustedError", "HAS_C", "make_block_manager",
+           "MAX_FORK_CHILDREN", "MAX_SEQUENCES"]
+
+MAX_FORK_CHILDREN = 1 << 16    # children one fork / fork_at may create (BlockManager::kMaxForkChildren)
+MAX_SEQUENCES = 2**31 - 1      # live sequences at once (BlockManager::kMaxSequences)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _index_arg(v, op: str, name: str) -> int:
+    if isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be an integer, got bool")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an integer, got {type(v).__name__}") from None
+
+
+def _int_arg(v, op: str, name: str) -> int:
+    """A count or size: an int (not bool) that fits in int64, as the C++ binding requires."""
+    v = _index_arg(v, op, name)
+    if not _INT64_MIN <= v <= _INT64_MAX:
+        raise ValueError(f"{op}: {name} {v} does not fit in 64 bits")
+    return v
+
+
+def _seq_arg(v, op: str, name: str = "seq") -> int:
+    """A sequence id: an int (not bool); one outside int64 cannot exist."""
+    v = _index_arg(v, op, name)
+    if not _INT64_MIN <= v <= _INT64_MAX:
+        raise ValueError(f"{op}: unknown sequence {v}")
+    return v
 
 
 class PyPoolExhaustedError(RuntimeError):
@@ -47,10 +88,12 @@ class PyBlockManager:
     """Pure-Python implementation with the interface of `axpo._C.BlockManager`."""
 
     def __init__(self, num_blocks: int, block_size: int):
+        num_blocks = _int_arg(num_blocks, "BlockManager", "num_blocks")
+        block_size = _int_arg(block_size, "BlockManager", "block_size")
         if not 0 < num_blocks < 2**31:
             raise ValueError(f"BlockManager: num_blocks must be in [1, 2^31), got {num_blocks}")
-        if block_size <= 0:
-            raise ValueError(f"BlockManager: block_size must be positive, got {block_size}")
+        if not 0 < block_size < 2**31:
+            raise ValueError(f"BlockManager: block_size must be in [1, 2^31), got {block_size}")
         self._num_blocks = num_blocks
         self._block_size = block_size
         self._ref = [0] * num_blocks
@@ -91,6 +134,11 @@ class PyBlockManager:
         s = self._get(seq, op)
         if n < 0:
             raise ValueError(f"{op}: n must be >= 0, got {n}")
+        if n > MAX_FORK_CHILDREN:
+            raise ValueError(f"{op}: n must be <= {MAX_FORK_CHILDREN}, got {n}")
+        if len(self._seqs) > MAX_SEQUENCES - n:
+            raise ValueError(f"{op}: too many sequences ({len(self._seqs)} live, {n} more would pass "
+                             f"{MAX_SEQUENCES})")
         if not 0 <= num_tokens <= s.num_tokens:
             raise ValueError(f"{op}: num_tokens {num_tokens} out of range [0, {s.num_tokens}] for sequence {seq}")
         shared = s.blocks[: self._blocks_for(num_tokens)]
@@ -119,17 +167,23 @@ class PyBlockManager:
         return len(self._free)
 
     def allocate(self, num_tokens: int = 0) -> int:
+        num_tokens = _int_arg(num_tokens, "allocate", "num_tokens")
         if num_tokens < 0:
             raise ValueError(f"allocate: num_tokens must be >= 0, got {num_tokens}")
         need = self._blocks_for(num_tokens)
         if need > len(self._free):
             raise PyPoolExhaustedError(f"allocate: pool exhausted (need {need} blocks, {len(self._free)} free)")
+        if len(self._seqs) >= MAX_SEQUENCES:
+            raise ValueError(f"allocate: too many sequences ({len(self._seqs)} live, 1 more would pass "
+                             f"{MAX_SEQUENCES})")
         sid = self._new_id()
         self._seqs[sid] = _Seq([self._pop_free() for _ in range(need)], num_tokens)
         self._stats["allocations"] += 1
         return sid
 
     def append_blocks_needed(self, seq: int, k: int) -> int:
+        seq = _seq_arg(seq, "append_blocks_needed")
+        k = _int_arg(k, "append_blocks_needed", "k")
         s = self._get(seq, "append_blocks_needed")
         if k <= 0:
             return 0
@@ -137,6 +191,7 @@ class PyBlockManager:
         return self._blocks_for(s.num_tokens + k) - len(s.blocks) + int(cow)
 
     def append(self, seq: int, k: int) -> list[tuple[int, int]]:
+        seq, k = _seq_arg(seq, "append"), _int_arg(k, "append", "k")
         s = self._get(seq, "append")
         if s.pinned:
             raise ValueError(f"append: sequence {seq} is pinned (read-only); fork it to continue")
@@ -161,12 +216,16 @@ class PyBlockManager:
         return copies
 
     def fork(self, seq: int, n: int) -> list[int]:
+        seq, n = _seq_arg(seq, "fork"), _int_arg(n, "fork", "n")
         return self._fork(seq, self._get(seq, "fork").num_tokens, n, "fork")
 
     def fork_at(self, seq: int, num_tokens: int, n: int) -> list[int]:
+        seq = _seq_arg(seq, "fork_at")
+        num_tokens, n = _int_arg(num_tokens, "fork_at", "num_tokens"), _int_arg(n, "fork_at", "n")
         return self._fork(seq, num_tokens, n, "fork_at")
 
     def free(self, seq: int) -> None:
+        seq = _seq_arg(seq, "free")
         s = self._get(seq, "free")
         if s.pinned:
             raise ValueError(f"free: sequence {seq} is pinned; release it with unpin")
@@ -175,7 +234,7 @@ class PyBlockManager:
         self._stats["frees"] += 1
 
     def free_many(self, seqs: list[int]) -> None:
-        seqs = list(seqs)
+        seqs = [_seq_arg(s, "free_many") for s in seqs]
         seen = set()
         for seq in sorted(seqs):
             if seq in seen:
@@ -188,6 +247,7 @@ class PyBlockManager:
         self._stats["frees"] += len(seqs)
 
     def pin(self, seq: int, num_tokens: int) -> int:
+        seq, num_tokens = _seq_arg(seq, "pin"), _int_arg(num_tokens, "pin", "num_tokens")
         pid = self._fork(seq, num_tokens, 1, "pin")[0]
         self._stats["forks"] -= 1  # a pin is not a fork
         self._seqs[pid].pinned = True
@@ -195,6 +255,7 @@ class PyBlockManager:
         return pid
 
     def unpin(self, pin_id: int) -> None:
+        pin_id = _seq_arg(pin_id, "unpin", "pin_id")
         s = self._get(pin_id, "unpin")
         if not s.pinned:
             raise ValueError(f"unpin: sequence {pin_id} is not pinned")
@@ -205,9 +266,11 @@ class PyBlockManager:
     # -- queries ---------------------------------------------------------------------------
 
     def block_table(self, seq: int) -> list[int]:
-        return list(self._get(seq, "block_table").blocks)
+        return list(self._get(_seq_arg(seq, "block_table"), "block_table").blocks)
 
     def slots(self, seq: int, start: int, end: int) -> list[int]:
+        seq = _seq_arg(seq, "slots")
+        start, end = _int_arg(start, "slots", "start"), _int_arg(end, "slots", "end")
         s = self._get(seq, "slots")
         if not 0 <= start <= end <= s.num_tokens:
             raise ValueError(f"slots: range [{start}, {end}) out of [0, {s.num_tokens}] for sequence {seq}")
@@ -215,13 +278,13 @@ class PyBlockManager:
         return [s.blocks[i // bs] * bs + i % bs for i in range(start, end)]
 
     def num_tokens(self, seq: int) -> int:
-        return self._get(seq, "num_tokens").num_tokens
+        return self._get(_seq_arg(seq, "num_tokens"), "num_tokens").num_tokens
 
     def has_sequence(self, seq: int) -> bool:
-        return seq in self._seqs
+        return _index_arg(seq, "has_sequence", "seq") in self._seqs
 
     def is_pinned(self, seq: int) -> bool:
-        return self._get(seq, "is_pinned").pinned
+        return self._get(_seq_arg(seq, "is_pinned"), "is_pinned").pinned
 
     def sequence_ids(self) -> list[int]:
         return sorted(self._seqs)
