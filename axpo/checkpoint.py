@@ -1,7 +1,17 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): model and optimiser (sharded, loadable at
 any world size), scheduler, per-rank RNG states, the training position (stage, step) and the config.
-Layout: `<run>/checkpoints/step_<stage>_<N>/` plus a `latest` file naming the newest complete one
-(written last, so a crash mid-save never points at a partial checkpoint).
+Layout: `<run>/checkpoints/step_<stage>_<N>/` plus a `latest` file naming the newest complete one.
+
+A checkpoint is complete when its DCP metadata file (`.metadata`, written when every rank's shards
+are) exists and its `meta.json` parses; `meta.json` is written after all ranks finished (atomically,
+by rename), then `latest`, so a crash mid-save leaves an incomplete folder and an old `latest`.
+`--resume` starts from the checkpoint `latest` names; if that is missing, empty or names an
+incomplete or deleted folder, from the newest complete checkpoint, saying so; with no complete
+checkpoint at all it is an error, never a silent fresh start.
+
+Retention (`trainer.keep_last`): after each save only the newest `keep_last` complete checkpoints
+are kept, plus the newest SFT one (RL's reference policy and benchmarks start from it); None or 0
+keeps all.
 
 `export_hf` writes the policy as a Hugging Face folder (safetensors + processor) that loads with
 `AutoModelForImageTextToText.from_pretrained`.
@@ -10,7 +20,11 @@ Layout: `<run>/checkpoints/step_<stage>_<N>/` plus a `latest` file naming the ne
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -36,24 +50,110 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+STAGE_ORDER = {"pretrain": 0, "sft": 1, "rl": 2}
+DCP_METADATA = ".metadata"   # torch.distributed.checkpoint's FileSystemWriter writes it last
+_NAME = re.compile(r"step_(pretrain|sft|rl)_(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (or none exists); the message names the folder and the problem."""
+
+
+def position(path: Path) -> tuple[int, int] | None:
+    """(stage order, step) of a `step_<stage>_<N>` folder: the order checkpoints are made in."""
+    m = _NAME.fullmatch(Path(path).name)
+    return (STAGE_ORDER[m.group(1)], int(m.group(2))) if m else None
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint folder cannot be resumed from, or None when it is complete."""
+    path = Path(path)
+    if not path.is_dir():
+        return "does not exist"
+    if not (path / DCP_METADATA).exists():
+        return f"has no {DCP_METADATA} (the DCP save did not finish)"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        return "has no meta.json (the save did not finish)"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"has a meta.json that is not valid JSON ({type(e).__name__}: {e}; truncated?)"
+    if not isinstance(meta, dict) or not isinstance(meta.get("stage"), str) or not isinstance(meta.get("step"), int):
+        return "has a meta.json without 'stage' and 'step'"
+    return None
+
+
+def read_meta(path: Path) -> dict:
+    why = problem(path)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {path} {why}")
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, d: Dist):
+    def __init__(self, run_dir: str | Path, d: Dist, keep_last: int | None = None):
+        if keep_last is not None and keep_last < 0:
+            raise ValueError(f"trainer.keep_last must be >= 0 or null (0/null keeps all), got {keep_last}")
         self.root = Path(run_dir) / "checkpoints"
         self.d = d
+        self.keep_last = keep_last or None
 
     def _barrier(self):
         if self.d.enabled:
             dist.barrier()
 
+    def checkpoints(self) -> list[Path]:
+        """Every `step_<stage>_<N>` folder, complete or not, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and position(p) is not None), key=position)
+
+    def complete(self) -> list[Path]:
+        return [p for p in self.checkpoints() if problem(p) is None]
+
     def latest(self) -> Path | None:
+        """The checkpoint `latest` names, if it is complete."""
         f = self.root / "latest"
-        if not f.exists():
-            return None
-        path = self.root / f.read_text().strip()
-        return path if (path / "meta.json").exists() else None
+        name = f.read_text().strip() if f.is_file() else ""
+        return self.root / name if name and problem(self.root / name) is None else None
+
+    def resume_point(self) -> tuple[Path, dict, str | None]:
+        """(checkpoint, its meta, a note when it is not the one `latest` names) for --resume.
+        Raises CheckpointError when there is no complete checkpoint."""
+        f = self.root / "latest"
+        name = f.read_text().strip() if f.is_file() else ""
+        if name and problem(self.root / name) is None:
+            return self.root / name, read_meta(self.root / name), None
+        if not f.is_file():
+            why = f"{f} is missing"
+        elif not name:
+            why = f"{f} is empty"
+        else:
+            why = f"{f} names {name}, which {problem(self.root / name)}"
+        done = self.complete()
+        if not done:
+            found = self.checkpoints()
+            what = ("; ".join(f"{p.name} {problem(p)}" for p in found) if found else
+                    f"no checkpoint folders in {self.root}" if self.root.is_dir() else f"{self.root} does not exist")
+            raise CheckpointError(
+                f"--resume: no complete checkpoint to resume from ({what}). To start the run from scratch, "
+                "leave out --resume (trainer.resume=false) or give a new --output-dir.")
+        path = done[-1]
+        return path, read_meta(path), f"--resume: {why}; resuming from {path}, the newest complete checkpoint"
 
     def save(self, model, optimizer, scheduler, *, stage: str, step: int, extra: dict | None = None) -> Path:
         path = self.root / f"step_{stage}_{step:06d}"
+        if self.d.main:
+            # A folder left by an earlier run or crash: its old meta.json must not make a partial
+            # save look complete.
+            (path / "meta.json").unlink(missing_ok=True)
+        self._barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         torch.save(rng_state(), path / f"rng_rank{self.d.rank}.pt")
@@ -62,20 +162,37 @@ class Checkpointer:
             meta = {"stage": stage, "step": step, "world": self.d.world,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     **(extra or {})}
-            (path / "meta.json").write_text(json.dumps(meta, indent=1))
-            (self.root / "latest").write_text(path.name)
+            _write_atomic(path / "meta.json", json.dumps(meta, indent=1))
+            _write_atomic(self.root / "latest", path.name)
+            self._prune(path)
         self._barrier()
         return path
 
+    def _prune(self, current: Path) -> None:
+        """Keep the newest `keep_last` complete checkpoints up to `current` (which `latest` names)
+        and the newest complete SFT one; delete the other folders older than `current`. Folders
+        newer than `current` (left by an earlier, longer run) are left alone."""
+        if self.keep_last is None:
+            return
+        pos = position(current)
+        older = [p for p in self.checkpoints() if position(p) < pos]
+        done = [p for p in older if problem(p) is None]
+        keep = set(done[max(0, len(done) - (self.keep_last - 1)):]) if self.keep_last > 1 else set()
+        sft = [p for p in self.complete() if p.name.startswith("step_sft_") and position(p) <= pos]
+        if sft:
+            keep.add(sft[-1])
+        for p in older:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
     def load(self, model, optimizer, scheduler, path: Path | None = None) -> dict:
-        path = path or self.latest()
         if path is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.root}")
+            path = self.resume_point()[0]
+        meta = read_meta(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        meta = json.loads((path / "meta.json").read_text())
         if scheduler is not None and meta.get("scheduler") is not None:
             scheduler.load_state_dict(meta["scheduler"])
         rng = path / f"rng_rank{self.d.rank}.pt"
@@ -106,6 +223,29 @@ def export_hf(policy, processor, out_dir: str | Path, d: Dist) -> Path | None:
         fresh.generation_config = hf.generation_config
         fresh.save_pretrained(out, safe_serialization=True)
         processor.save_pretrained(out)
+        _readable(out)
     if d.enabled:
         dist.barrier()
     return out if d.main else None
+
+
+def _readable(folder: Path) -> None:
+    """Give the exported files the usual file mode (0666 minus the umask, 0644 by default):
+    safetensors writes model.safetensors with mode 0600, which other users and serving
+    containers then cannot read."""
+    umask = _umask()
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod((stat.S_IMODE(f.stat().st_mode) | 0o666) & ~umask)
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

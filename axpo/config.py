@@ -128,11 +128,19 @@ class TrainerConfig:
     deterministic: bool = False
     output_dir: str = "runs/default"
     checkpoint_every: int = 10
+    # Complete checkpoints kept (the newest ones, plus the newest SFT one, RL's reference policy);
+    # 0/null keeps all. 3 leaves two older complete checkpoints for --resume to fall back to if
+    # the newest is damaged, and bounds the disk use (a Qwen3-VL-8B checkpoint with AdamW state is
+    # ~100 GB).
+    keep_last: int | None = 3
     resume: bool = False
     init_from: str | None = None              # start RL from these weights (DCP checkpoint or HF folder); skips pretrain and SFT
     evaluate: bool = True                     # Pass@k on held-out questions after SFT and after RL
     eval_samples: int = 4                     # n samples per question for Pass@k
     log_every: int = 1
+    # Steps whose loss or gradient norm is NaN/inf are skipped (weights untouched) and logged with
+    # skipped=1; this many in a row stop the run with an error (0 = never stop).
+    max_skipped_steps: int = 5
     tensorboard: bool = True
     wandb: bool = False
     plots: bool = True

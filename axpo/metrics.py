@@ -1,11 +1,17 @@
 """Run logging on rank 0: `metrics.jsonl` (one object per step), TensorBoard, optional wandb, a tqdm
-progress bar with the key numbers, and at the end PNG plots and a short `summary.md`."""
+progress bar with the key numbers, and at the end PNG plots and a short `summary.md`.
+
+metrics.jsonl may hold NaN/Infinity (a step skipped for a non-finite loss logs the real value, with
+skipped=1); json reads them back. A torn last line (a run killed mid-write) is dropped with a
+warning when read; on --resume, rows logged after the checkpoint are removed (they are re-run)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from pathlib import Path
 
 KEY_METRICS = ("loss", "reward", "accuracy", "tool_use_rate", "trigger_rate")
@@ -16,6 +22,8 @@ STAGE_ORDER = {"pretrain": 0, "sft": 1, "rl": 2, "eval": 3}
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, *, enabled: bool, tensorboard: bool = True, wandb: bool = False,
                  config: dict | None = None, resume: bool = False):
+        if wandb:
+            check_wandb()
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.bar = None
@@ -35,6 +43,29 @@ class MetricsLogger:
             import wandb as wb
 
             self.wandb = wb.init(project="axpo", dir=str(self.dir), config=config, resume="allow")
+
+    def truncate_after(self, stage: str, step: int, keep_evals=()) -> int:
+        """Resuming from the checkpoint of (stage, step): drop the rows of later steps (and the
+        evaluation rows not in `keep_evals`; evaluations follow the stages) and any unreadable
+        line, rewriting the file atomically. Returns the number of lines dropped."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        at = (STAGE_ORDER[stage], step)
+        kept, dropped = [], 0
+        for _, line, row in _rows(self.path):
+            if row is None:
+                dropped += 1
+            elif row["stage"] == "eval" and row["step"] not in keep_evals:
+                dropped += 1
+            elif row["stage"] in ("pretrain", "sft", "rl") and (STAGE_ORDER[row["stage"]], row["step"]) > at:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+        return dropped
 
     def start_stage(self, stage: str, total: int, initial: int = 0) -> None:
         if not self.enabled:
@@ -74,15 +105,43 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def check_wandb() -> None:
+    """trainer.wandb=true needs the optional wandb package; say so before the run starts."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ImportError("trainer.wandb=true needs the wandb package: pip install -e .[wandb] "
+                          "(or pip install wandb); or set trainer.wandb=false") from None
+
+
+def _rows(path: Path):
+    """(line number, raw line, row or None) for each non-blank line; None for a line that is not
+    a metrics row (warned about: a torn last line after a crash)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            ok = isinstance(r, dict) and isinstance(r.get("stage"), str) and isinstance(r.get("step"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            torn = " (a torn last line: the run was stopped while writing it)" if n == len(lines) else ""
+            warnings.warn(f"{path}: line {n} is not a metrics row{torn}; skipped", stacklevel=3)
+            r = None
+        yield n, line, r
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Rows of metrics.jsonl; for a resumed run, the last row of each (stage, step) wins."""
+    """Rows of metrics.jsonl; if a (stage, step) repeats, the last row wins."""
     rows = {}
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
+    for _, _, r in _rows(path):
+        if r is not None:
             rows[(r["stage"], r["step"])] = r
     return sorted(rows.values(), key=lambda r: (STAGE_ORDER.get(r["stage"], 4), r["step"]))
 
@@ -96,7 +155,9 @@ def plot_run(run_dir: str | Path, stage: str = "rl") -> list[Path]:
     rows = [r for r in read_metrics(run_dir) if r["stage"] == stage]
     out = []
     for key in PLOTS:
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        # NaN/inf (skipped steps) are gaps in the line.
+        pts = [(r["step"], r[key] if math.isfinite(r[key]) else math.nan) for r in rows
+               if isinstance(r.get(key), (int, float))]
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -132,7 +193,7 @@ def write_summary(run_dir: str | Path, *, evals: dict, wall_time: float, config_
         lines.append("")
     if rl:
         def avg(rs, k):
-            v = [r[k] for r in rs if isinstance(r.get(k), (int, float))]
+            v = [r[k] for r in rs if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
             return sum(v) / len(v) if v else float("nan")
 
         q = max(1, len(rl) // 4)

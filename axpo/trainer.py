@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import random
+import re
 import signal
 import time
 import warnings
@@ -29,7 +30,7 @@ from axpo.agent.loop import AgentLoop
 from axpo.algo.credit import loss_masks, sequence_advantages, token_advantages
 from axpo.algo.resample import expand, new_tokens
 from axpo.batching import micro_batches
-from axpo.checkpoint import Checkpointer, export_hf, load_model_weights
+from axpo.checkpoint import DCP_METADATA, Checkpointer, export_hf, load_model_weights
 from axpo.config import Config, StageConfig, load_config, to_dict
 from axpo.eval import evaluate
 from axpo.metrics import MetricsLogger, plot_run, write_summary
@@ -47,6 +48,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def config_for_checkpoint(checkpoint: str, config: str | None, overrides: list[str]) -> Config:
     """The config a checkpoint was trained with (run_dir/config.yaml), unless one is given."""
+    _check_checkpoint_path(checkpoint)
     if config is None:
         ck = Path(checkpoint)
         # run/checkpoints/step_x (DCP) or run/hf (Hugging Face export)
@@ -55,6 +57,15 @@ def config_for_checkpoint(checkpoint: str, config: str | None, overrides: list[s
                 config = str(p)
                 break
     return load_config(config, overrides)
+
+
+def _check_checkpoint_path(path: str | Path) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if not ((p / "config.json").exists() or (p / DCP_METADATA).exists()):
+        raise FileNotFoundError(f"{p} is neither a DCP checkpoint folder (no {DCP_METADATA}) nor a Hugging Face "
+                                "folder (no config.json)")
 
 
 def _permuted(n: int, seed: int, epoch: int) -> list[int]:
@@ -78,6 +89,12 @@ class Trainer:
         self.cfg = cfg
         self.d = distributed.init()
         self.run_dir = Path(cfg.trainer.output_dir)
+        self.ckpt = Checkpointer(self.run_dir, self.d, keep_last=cfg.trainer.keep_last)
+        # --resume: from where is settled before anything is built; no checkpoint is an error.
+        self.resume_from = self.ckpt.resume_point() if cfg.trainer.resume and not for_eval else None
+        if self.resume_from is not None and self.resume_from[2] is not None and self.d.main:
+            print(self.resume_from[2], flush=True)
+        self._skipped_in_a_row = 0
         torch.manual_seed(cfg.trainer.seed + self.d.rank)
         random.seed(cfg.trainer.seed + self.d.rank)
         if cfg.trainer.deterministic:
@@ -99,9 +116,8 @@ class Trainer:
             model.model.visual.requires_grad_(False)
         self.policy = distributed.shard(PolicyModel(model), self.d, mixed_precision=dtype == torch.float32,
                                         activation_checkpointing=cfg.model.activation_checkpointing)
-        self.ckpt = Checkpointer(self.run_dir, self.d)
         self.log = MetricsLogger(self.run_dir, enabled=self.d.main and not for_eval,
-                                 tensorboard=cfg.trainer.tensorboard, wandb=cfg.trainer.wandb,
+                                 tensorboard=cfg.trainer.tensorboard, wandb=cfg.trainer.wandb and not for_eval,
                                  config=to_dict(cfg), resume=cfg.trainer.resume)
         if self.d.main and not for_eval:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -128,6 +144,7 @@ class Trainer:
 
     def load_policy(self, path: str) -> None:
         """A DCP checkpoint folder or a Hugging Face folder, into the policy and the engine."""
+        _check_checkpoint_path(path)
         p = Path(path)
         if (p / "config.json").exists():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -151,14 +168,26 @@ class Trainer:
         stages = {"pretrain": cfg.pretrain, "sft": cfg.sft, "rl": cfg.rl}
         stage, done = "pretrain", 0
         evals_path = self.run_dir / "evals.json"
-        evals = json.loads(evals_path.read_text()) if (cfg.trainer.resume and evals_path.exists()) else {}
-        if cfg.trainer.resume and self.ckpt.latest() is not None:
-            meta = json.loads((self.ckpt.latest() / "meta.json").read_text())
+        evals = {}
+        if cfg.trainer.resume and evals_path.exists():
+            try:
+                evals = json.loads(evals_path.read_text())
+            except json.JSONDecodeError as e:   # redone below
+                if self.d.main:
+                    print(f"{evals_path} is not valid JSON ({e}); its evaluations are redone", flush=True)
+        if self.resume_from is not None:
+            path, meta, _ = self.resume_from
             stage, done = meta["stage"], meta["step"]
             self._make_optimizer(stages[stage])
-            self.ckpt.load(self.policy, self.optimizer, self.scheduler)
+            self.ckpt.load(self.policy, self.optimizer, self.scheduler, path)
+            # What came after the checkpoint is redone: its metrics rows and evaluations go.
+            if stage != "rl":
+                evals.pop("after_sft", None)
+            evals.pop("after_rl", None)
             if self.d.main:
-                print(f"resumed from {self.ckpt.latest()} ({stage} step {done})", flush=True)
+                dropped = self.log.truncate_after(stage, done, keep_evals=[0] if "after_sft" in evals else [])
+                print(f"resumed from {path} ({stage} step {done})"
+                      + (f"; dropped {dropped} metrics rows logged after it" if dropped else ""), flush=True)
         elif cfg.trainer.init_from:
             self.load_policy(cfg.trainer.init_from)
             stage = "rl"
@@ -218,6 +247,18 @@ class Trainer:
         if os.environ.get("AXPO_KILL_AFTER") == f"{stage}:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def _check_skipped(self, stage: str, step: int, metrics: dict) -> None:
+        """Count steps skipped for a non-finite loss or gradient norm (the same on every rank: both
+        are global); `trainer.max_skipped_steps` of them in a row stop the run."""
+        self._skipped_in_a_row = self._skipped_in_a_row + 1 if metrics.get("skipped", 0) > 0 else 0
+        limit = self.cfg.trainer.max_skipped_steps
+        if limit and self._skipped_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{stage} step {step}: {self._skipped_in_a_row} steps in a row were skipped for a non-finite loss "
+                f"or gradient norm (last: loss {metrics.get('loss')}, grad_norm {metrics.get('grad_norm')}); "
+                f"stopping (trainer.max_skipped_steps={limit}). Lower the learning rate or check the data; "
+                "the steps are in metrics.jsonl with skipped=1.")
+
     def _supervised_step(self, rows: list[dict], masks: list[list[int]], budget: int) -> dict:
         """One optimiser step on the masked next-token NLL of this rank's `rows` (mask[j] = 1:
         token j is a target). The mean is over the masked tokens of all ranks, so the step does
@@ -261,6 +302,7 @@ class Trainer:
                     metrics["copy_accuracy"] = copy_accuracy(self.engine.model, held_x, held_m)
             metrics["step_time"] = time.time() - t
             self.log.log("pretrain", step + 1, metrics)
+            self._check_skipped("pretrain", step + 1, metrics)
             self._checkpoint("pretrain", step + 1, cfg.pretrain.steps)
 
     def sft(self, start: int) -> None:
@@ -275,6 +317,7 @@ class Trainer:
             metrics = self._supervised_step(rows, [e.loss_mask for e in enc], cfg.sft.micro_batch_tokens)
             dt = time.time() - t
             self.log.log("sft", step + 1, {**metrics, "tokens_per_s": metrics["tokens"] / dt, "step_time": dt})
+            self._check_skipped("sft", step + 1, metrics)
             self._checkpoint("sft", step + 1, cfg.sft.steps)
 
     def _encoded_demo(self, i: int):
@@ -312,6 +355,7 @@ class Trainer:
         self.log.start_stage("rl", cfg.rl.steps, start)
         for step in range(start, cfg.rl.steps):
             t = time.time()
+            errors_before = sum(self.loop.stats.tool_errors.values())  # the loop's counts are cumulative
             qs = take(len(train), cfg.rl.questions_per_step, step, cfg.trainer.seed + 1)
             mine = qs[d.rank::d.world]
             samples = [train[i] for i in mine]
@@ -323,6 +367,8 @@ class Trainer:
             trajs, diag = expand(self.loop, base, by_group, reward, a, step=step,
                                  seed=cfg.trainer.seed)
             self.loop.release(trajs)
+            # This step's training rollouts only (base and extra; evaluations run outside steps), all ranks.
+            tool_errors = distributed.all_reduce_sum(sum(self.loop.stats.tool_errors.values()) - errors_before, d)
             t_roll = time.time() - t
             trained = [not (cfg.rollout.mask_truncated and tr.truncated) for tr in trajs]
             seq_adv = sequence_advantages(trajs, credit=a.credit, mode=a.advantage, trained=trained)
@@ -338,7 +384,7 @@ class Trainer:
             with warnings.catch_warnings():
                 # A step whose rollouts were all masked takes no optimiser step; the schedule still
                 # advances by one step, as it would have otherwise.
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 self.scheduler.step()
             self.sync_engine()
             gen_tokens = distributed.all_reduce_sum(sum(new_tokens(tr) for tr in trajs), d)
@@ -350,8 +396,9 @@ class Trainer:
             metrics = {**diag, **stats, "reward": diag["accuracy"], "lr": self.scheduler.get_last_lr()[0],
                        "rollout_time": t_roll, "step_time": dt, "tokens_per_s": gen_tokens / dt,
                        "rollout_tokens": gen_tokens,
-                       "tool_errors": sum(self.loop.stats.tool_errors.values())}
+                       "tool_errors": tool_errors}
             self.log.log("rl", step + 1, metrics)
+            self._check_skipped("rl", step + 1, metrics)
             self._checkpoint("rl", step + 1, cfg.rl.steps)
 
     def close(self, clean: bool = True) -> None:

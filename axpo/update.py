@@ -6,7 +6,9 @@
 3. The token-mean is global: each micro-batch's loss is scaled by its share of all trained tokens
    of the step across ranks (times the world size, because FSDP averages gradients over ranks), so
    the result does not depend on how tokens were split into micro-batches or ranks.
-A NaN/inf loss or gradient skips the optimiser step (weights untouched) and is reported.
+A NaN/inf loss or gradient skips the optimiser step (weights untouched) and is reported: `skipped`
+counts such epochs, and `loss`/`grad_norm` carry the non-finite values (never a 0.0 that reads as
+a perfect step).
 """
 
 from __future__ import annotations
@@ -115,9 +117,7 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
             stats["ratio"] += float(st["ratio_mean"]) * w / epochs
             stats["kl"] += float(st.get("kl_mean", 0.0)) * w / epochs
         loss_all, norm, skipped = optimizer_step(policy, optimizer, total, grad_clip, d)
-        if skipped:
-            stats["skipped"] += 1
-            continue
+        stats["skipped"] += float(skipped)
         stats["loss"] += loss_all / epochs
         stats["grad_norm"] += norm / epochs
     for k in ("clip_frac", "ratio", "kl"):  # local token-share-weighted means: their sum is global

@@ -212,3 +212,85 @@ def test_init_from_starts_rl_from_given_weights(smoke_run, tmp_path):
     b = json.loads((smoke_run / "evals.json").read_text())["after_rl"]
     a.pop("eval_time_s"), b.pop("eval_time_s")
     assert a == b
+
+
+# --------------------------------------------------------------------------------------------
+# Issue #18 (R1, NaN) and #13: resume that never restarts silently, retention, skipped steps
+
+
+def test_retention_and_exported_file_modes(smoke_run):
+    """keep_last=3 (default): the newest three checkpoints, the last SFT one among them; the
+    exported files are readable by others (safetensors alone writes 0600)."""
+    import stat
+
+    ck = smoke_run / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step_rl_000001", "step_rl_000002",
+                                                                 "step_sft_000003"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in (smoke_run / "hf").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
+def _copy_run(src: Path, dst: Path) -> None:
+    """A copy of a finished run to resume: small files copied, checkpoint files hard-linked (the
+    resumed run only reads them or replaces whole files)."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("hf", "tensorboard", "checkpoints"))
+    shutil.copytree(src / "checkpoints", dst / "checkpoints", copy_function=os.link)
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(smoke_run, tmp_path):
+    """`latest` names a deleted folder and metrics.jsonl ends in a torn line: --resume says it
+    starts from the newest complete checkpoint (rl step 1), drops the rows after it and the torn
+    line, re-runs rl step 2 and ends with the uninterrupted run's rows and weights, no duplicates."""
+    import json
+    import shutil
+
+    out = tmp_path / "run"
+    _copy_run(smoke_run, out)
+    shutil.rmtree(out / "checkpoints" / "step_rl_000002")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "rl", "step": 3, "lo')
+    r = launch(out, "--resume")
+    assert (f"--resume: {out / 'checkpoints' / 'latest'} names step_rl_000002, which does not exist; resuming "
+            f"from {out / 'checkpoints' / 'step_rl_000001'}, the newest complete checkpoint") in r.stdout, r.stdout
+    assert "(rl step 1); dropped 3 metrics rows logged after it" in r.stdout
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(x["stage"], x["step"]) for x in lines]
+    assert len(keys) == len(set(keys)) and keys[-3:] == [("rl", 1), ("rl", 2), ("eval", 1)]
+    ref, got = rows(smoke_run, "rl"), rows(out, "rl")
+    for key in ("loss", "reward", "trained_tokens", "rollout_tokens", "entropy"):
+        assert [x[key] for x in got] == [x[key] for x in ref], key
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_rl_000002"
+    from safetensors.torch import load_file
+
+    a = load_file(str(smoke_run / "hf" / "model.safetensors"))
+    b = load_file(str(out / "hf" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    proc = launch(tmp_path / "fresh", "--resume", background=True)
+    text, _ = proc.communicate(timeout=900)
+    assert proc.returncode != 0
+    assert "--resume: no complete checkpoint to resume from" in text and "leave out --resume" in text, text[-3000:]
+    assert not (tmp_path / "fresh" / "metrics.jsonl").exists()
+
+
+def test_non_finite_steps_are_logged_and_stop_the_run(tmp_path):
+    """A NaN clip threshold turns step 1's update into NaN weights; every later step has a NaN
+    loss and is skipped: logged as NaN with skipped=1, and the third in a row stops the run."""
+    import math
+
+    out = tmp_path / "nan"
+    proc = launch(out, "optim.grad_clip=.nan", "pretrain.steps=8", "trainer.max_skipped_steps=3", background=True)
+    text, _ = proc.communicate(timeout=900)
+    assert proc.returncode != 0
+    assert "pretrain step 4: 3 steps in a row were skipped for a non-finite loss or gradient norm" in text, text[-3000:]
+    pre = rows(out, "pretrain")
+    assert [r["step"] for r in pre] == [1, 2, 3, 4]
+    assert pre[0]["skipped"] == 0 and math.isfinite(pre[0]["loss"])
+    for r in pre[1:]:
+        assert r["skipped"] == 1 and math.isnan(r["loss"]) and not math.isfinite(r["grad_norm"]), r
