@@ -4,14 +4,21 @@ Public API:
     logprob_entropy, linear_logprob_entropy   - log-prob of the sampled token + entropy
     group_advantages, clipped_policy_loss,    - group-relative advantages and the clipped
     grouped_policy_loss                         policy loss, separate and fused
+    linear_policy_loss                        - fused LM head + clipped policy loss (3 GEMMs,
+                                                gradients computed in the forward)
 
 CUDA tensors run the Triton kernels, other tensors a chunked PyTorch path;
 `AXPO_KERNEL_BACKEND=triton|torch|auto` forces either (see dispatch.py). The plain PyTorch
 references live in `axpo.kernels.reference`.
+
+Every op is a torch.library custom op (namespace `axpo`, e.g. `torch.ops.axpo.logprob_entropy_fwd`)
+with a fake implementation and registered autograd, so the public functions trace under
+FakeTensorMode (any device) and torch.compile(fullgraph=True) without graph breaks.
 """
 
 from .dispatch import HAS_TRITON, backend_for
 from .linear_logprob_entropy import linear_logprob_entropy
+from .linear_policy_loss import linear_policy_loss
 from .logprob_entropy import logprob_entropy
 from .policy_loss import clipped_policy_loss, group_advantages, grouped_policy_loss
 
@@ -21,6 +28,7 @@ __all__ = [
     "group_advantages",
     "clipped_policy_loss",
     "grouped_policy_loss",
+    "linear_policy_loss",
     "backend_for",
     "HAS_TRITON",
 ]

@@ -77,3 +77,36 @@ def triton_fn(kernel, device: torch.device):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+# Test mode: every scratch or output buffer the ops allocate with `empty` (instead of
+# `torch.empty`) is filled with NaN, so a value that is read before it is written (stale memory)
+# shows up as NaN in the results. tests/kernels set it with monkeypatch; off in normal runs.
+POISON_EMPTY = os.environ.get("AXPO_KERNELS_POISON_EMPTY", "") == "1"
+
+
+def empty(*shape, device, dtype):
+    """`torch.empty`, or NaN-filled under POISON_EMPTY (floating dtypes only)."""
+    if POISON_EMPTY and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(*shape, device=device, dtype=dtype)
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t.contiguous()`, spelled as a clone so it also traces under FakeTensorMode with CUDA fake
+    tensors on a CPU-only torch build (`Tensor.contiguous` and Python indexing take a CUDA device
+    guard there and fail; `clone`, `narrow`, `select` and `index_select` do not)."""
+    return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+
+
+def check_same_device(op: str, **tensors):
+    """Raise if the tensor arguments of `op` are not all on one device.
+
+    Called by every public op before it reaches its custom op, so a CPU tensor mixed into CUDA
+    inputs fails with a clear message in eager mode, under torch.compile and under FakeTensorMode
+    alike (a custom op's fake implementation would otherwise accept the mix silently).
+    """
+    devs = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devs.values())) > 1:
+        listed = ", ".join(f"{k} on {v}" for k, v in devs.items())
+        raise ValueError(f"{op}: all tensor arguments must be on one device, got {listed}")

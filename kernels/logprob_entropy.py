@@ -6,7 +6,9 @@ Layers (quack / flash-attn style):
 2. `lpe_forward` / `lpe_backward`: out-variant host functions choosing the backend
    (`dispatch.backend_for`); the fused LM head (linear_logprob_entropy.py) calls these on its
    logits chunks.
-3. `LogprobEntropyFunction`: the `autograd.Function`.
+3. torch.library custom ops `axpo::logprob_entropy_fwd` / `axpo::logprob_entropy_bwd` (and the
+   in-place `axpo::logprob_entropy_bwd_inplace_` the fused head uses), with fake implementations
+   and autograd registered on the forward op.
 4. `logprob_entropy`: the documented public function.
 The reference is `reference.logprob_entropy_ref`.
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, backend_for, next_pow2, triton_fn
+from .dispatch import HAS_TRITON, backend_for, check_same_device, contiguous, next_pow2, triton_fn
 
 if HAS_TRITON:
     import triton
@@ -156,7 +158,7 @@ def _triton_forward(x3, tgt, inv_t, want_ent):
     dev = x3.device
     logp = torch.empty(N, device=dev, dtype=torch.float32)
     ent = torch.empty(N, device=dev, dtype=torch.float32) if want_ent else logp
-    state = torch.empty(3, N, device=dev, dtype=torch.float32)
+    state = _new_state(N, dev, want_ent)
     if N:
         block = min(FWD_BLOCK_V, next_pow2(V))
         triton_fn(_lpe_fwd_kernel, dev)[(N,)](
@@ -199,6 +201,15 @@ _CLAMP = -200.0
 # torch.compile was measured on the per-chunk backward (2048 x 151936 fp32): 0.51-0.79 s against
 # 0.56 s for these eager in-place ops, after 19 s of compilation. No measurable gain, so this path
 # stays eager (and needs no compiler at run time).
+
+
+def _new_state(N, dev, want_ent):
+    """[3, N] fp32 per-row state; row 2 (t / s) is only computed with entropy, else zeros."""
+    if want_ent:
+        return torch.empty(3, N, device=dev, dtype=torch.float32)
+    state = torch.empty(3, N, device=dev, dtype=torch.float32)
+    state[2].zero_()
+    return state
 
 
 def _load_scaled(z, x, inv_t):
@@ -251,7 +262,7 @@ def _torch_forward(x3, tgt, inv_t, want_ent):
         torch.sum(e, 1, out=s[r0:r1])
         if want_ent:
             torch.linalg.vecdot(e, z, out=t[r0:r1])
-    state = torch.empty(3, N, **f32)  # (m, log s, t / s) - see the module docstring
+    state = _new_state(N, dev, want_ent)  # (m, log s, t / s) - see the module docstring
     state[0] = m.squeeze(1)
     torch.log(s, out=state[1])
     log_s = state[1]
@@ -336,17 +347,17 @@ def as_rows(logits: torch.Tensor) -> torch.Tensor:
     """
     V = logits.shape[-1]
     if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+        logits = contiguous(logits)
     if logits.dim() == 1:
         logits = logits.unsqueeze(0)
     try:
         flat = logits.view(-1, V)
         return flat.unsqueeze(0)
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # ValueError: what FakeTensorMode raises instead
         pass
     if logits.dim() == 3:
         return logits
-    return logits.contiguous().view(1, -1, V)
+    return contiguous(logits).view(1, -1, V)
 
 
 def lpe_forward(x3, targets, inv_t, want_ent, backend=None):
@@ -371,38 +382,94 @@ def lpe_backward(x3, targets, state, g_lp, g_ent, inv_t, out2, backend=None):
 
 
 # -------------------------------------------------------------------------------------------------
-# autograd.Function and public function
+# torch.library custom ops (as flash-attn and quack register theirs): opaque to torch.compile,
+# with fake (meta) implementations so they trace under FakeTensorMode on any device, and autograd
+# registered on the op itself.
 # -------------------------------------------------------------------------------------------------
 
 
-class LogprobEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, return_entropy):
-        x3 = as_rows(logits)
-        inv_t = 1.0 / temperature
-        # E[z] is only needed for the entropy gradient, so without entropy it is not computed.
-        logp, ent, state = lpe_forward(x3, targets, inv_t, return_entropy)
-        ctx.save_for_backward(x3, targets, state)
-        ctx.inv_t = inv_t
-        ctx.has_ent = return_entropy
-        ctx.logits_shape = logits.shape
-        ctx.set_materialize_grads(False)  # None for an unused output: skip its term entirely
-        lead = targets.shape
-        if return_entropy:
-            return logp.view(lead), ent.view(lead)
-        return logp.view(lead)
+def _nrows(x3):
+    return x3.shape[0] * x3.shape[1]
 
-    @staticmethod
-    def backward(ctx, g_lp, g_ent=None):
-        x3, targets, state = ctx.saved_tensors
-        if not ctx.has_ent:
-            g_ent = None
-        if g_lp is None and g_ent is None:
-            return None, None, None, None
-        V = x3.shape[-1]
-        out = torch.empty(ctx.logits_shape, dtype=x3.dtype, device=x3.device)
-        lpe_backward(x3, targets, state, g_lp, g_ent, ctx.inv_t, out.view(-1, V))
-        return out, None, None, None
+
+@torch.library.custom_op("axpo::logprob_entropy_fwd", mutates_args=())
+def logprob_entropy_fwd_op(
+    x3: torch.Tensor, targets: torch.Tensor, inv_t: float, want_ent: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [N], entropy [N] or [0] without entropy, state [3, N]) for logits rows `x3` [O, I, V]."""
+    logp, ent, state = lpe_forward(x3, targets, inv_t, want_ent)
+    return logp, (ent if ent is not None else logp.new_empty(0)), state
+
+
+@logprob_entropy_fwd_op.register_fake
+def _(x3, targets, inv_t, want_ent):
+    N = _nrows(x3)
+    f32 = dict(dtype=torch.float32)
+    return x3.new_empty(N, **f32), x3.new_empty(N if want_ent else 0, **f32), x3.new_empty(3, N, **f32)
+
+
+@torch.library.custom_op("axpo::logprob_entropy_bwd", mutates_args=())
+def logprob_entropy_bwd_op(
+    x3: torch.Tensor,
+    targets: torch.Tensor,
+    state: torch.Tensor,
+    g_lp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    inv_t: float,
+) -> torch.Tensor:
+    """dlogits [N, V] in the logits dtype (a fresh tensor)."""
+    out = torch.empty(_nrows(x3), x3.shape[-1], device=x3.device, dtype=x3.dtype)
+    return lpe_backward(x3, targets, state, g_lp, g_ent, inv_t, out)
+
+
+@logprob_entropy_bwd_op.register_fake
+def _(x3, targets, state, g_lp, g_ent, inv_t):
+    return x3.new_empty(_nrows(x3), x3.shape[-1])
+
+
+@torch.library.custom_op("axpo::logprob_entropy_bwd_inplace_", mutates_args=("buf",))
+def logprob_entropy_bwd_inplace_op(
+    buf: torch.Tensor,
+    targets: torch.Tensor,
+    state: torch.Tensor,
+    g_lp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    inv_t: float,
+) -> None:
+    """Turn the logits chunk `buf` [n, V] (rows contiguous) into dlogits in place (fused head)."""
+    lpe_backward(buf.unsqueeze(0), targets, state, g_lp, g_ent, inv_t, buf)
+
+
+@logprob_entropy_bwd_inplace_op.register_fake
+def _(buf, targets, state, g_lp, g_ent, inv_t):
+    return None
+
+
+def _lpe_setup_context(ctx, inputs, output):
+    x3, targets, inv_t, want_ent = inputs
+    _, _, state = output
+    ctx.save_for_backward(x3, targets, state)
+    ctx.inv_t, ctx.want_ent = inv_t, want_ent
+    ctx.mark_non_differentiable(state)
+    ctx.set_materialize_grads(False)  # None for an unused output: its term is skipped entirely
+
+
+def _lpe_backward(ctx, g_lp, g_ent, _g_state):
+    x3, targets, state = ctx.saved_tensors
+    if not ctx.want_ent:
+        g_ent = None
+    if (g_lp is None and g_ent is None) or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    dx = logprob_entropy_bwd_op(x3, targets, state, g_lp, g_ent, ctx.inv_t)
+    return dx.view(x3.shape), None, None, None
+
+
+torch.library.register_autograd("axpo::logprob_entropy_fwd", _lpe_backward, setup_context=_lpe_setup_context)
+
+
+# -------------------------------------------------------------------------------------------------
+# Public function
+# -------------------------------------------------------------------------------------------------
 
 
 def logprob_entropy(logits, targets, *, temperature=1.0, return_entropy=True):
@@ -420,6 +487,8 @@ def logprob_entropy(logits, targets, *, temperature=1.0, return_entropy=True):
         `(logp, entropy)`, fp32 `[...]`; both differentiable with respect to `logits`. The
         backward writes `dlogits` in the logits dtype and builds no other `[N, V]` tensor.
     Under `torch.no_grad()` (old-policy and reference log-probs) nothing is saved.
+    The work is the custom op `torch.ops.axpo.logprob_entropy_fwd` (backward
+    `axpo::logprob_entropy_bwd`), so it traces under FakeTensorMode and torch.compile.
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"targets {tuple(targets.shape)} must be logits.shape[:-1] {tuple(logits.shape[:-1])}")
@@ -427,11 +496,8 @@ def logprob_entropy(logits, targets, *, temperature=1.0, return_entropy=True):
         raise TypeError("targets must be integer token ids")
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        logp, ent, _ = lpe_forward(as_rows(logits), targets, 1.0 / temperature, return_entropy)
-        lead = targets.shape
-        return logp.view(lead), (ent.view(lead) if ent is not None else None)
-    out = LogprobEntropyFunction.apply(logits, targets, float(temperature), bool(return_entropy))
-    if return_entropy:
-        return out
-    return out, None
+    check_same_device("logprob_entropy", logits=logits, targets=targets)
+    lead = targets.shape
+    x3 = as_rows(logits)
+    logp, ent, _ = logprob_entropy_fwd_op(x3, targets.reshape(-1), 1.0 / float(temperature), bool(return_entropy))
+    return logp.view(lead), (ent.view(lead) if return_entropy else None)

@@ -1,8 +1,10 @@
 """Group advantages and the clipped policy loss (PPO / GRPO / Dr. GRPO), separate and fused.
 
 Layers: Triton kernels (`_segment_stats_kernel`, `_group_adv_kernel`, `_policy_loss_kernel`)
-and a vectorised PyTorch path with the same math; host functions choosing the backend; a small
-`autograd.Function` that attaches the closed-form d(loss)/d(logp); the documented public
+and a vectorised PyTorch path with the same math; host functions choosing the backend; two
+torch.library custom ops with fake implementations, `axpo::group_advantages` (static shapes: S
+samples get S segment slots, see `dense_segments`) and `axpo::policy_loss`, whose registered
+autograd attaches the closed-form d(loss)/d(logp) computed in the forward; the documented public
 functions. References: `reference.group_advantages_ref`, `reference.clipped_policy_loss_ref`.
 
 Reductions are left visible: the loss kernel writes per-block partial sums (loss, clipped, ratio,
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import HAS_TRITON, backend_for, triton_fn
+from .dispatch import HAS_TRITON, backend_for, check_same_device, contiguous, triton_fn
 
 if HAS_TRITON:
     import triton
@@ -63,7 +65,7 @@ if HAS_TRITON:
             pos = tl.load(order_ptr + start + idx, mask=msk, other=0)
             acc += tl.load(r_ptr + pos, mask=msk, other=0.0).to(tl.float32)
         n = cnt.to(tl.float32)
-        mean = tl.sum(acc, 0) / n
+        mean = tl.sum(acc, 0) / tl.maximum(n, 1.0)  # an unused slot (cnt == 0) gets 0, not 0/0
         acc2 = tl.zeros([BLOCK], tl.float32)
         for off in range(0, cnt, BLOCK):
             idx = off + tl.arange(0, BLOCK)
@@ -160,62 +162,116 @@ if HAS_TRITON:
 # -------------------------------------------------------------------------------------------------
 # Group statistics
 # -------------------------------------------------------------------------------------------------
+# Static shapes: S samples have at most S segments, so every per-segment array has S slots, of
+# which the first G (the number of distinct ids) are used, in sorted-id order (the order
+# torch.unique would give); the rest have count 0, mean 0, std 0, scale 0. No op depends on G,
+# so the whole computation traces under FakeTensorMode / torch.compile (torch.unique cannot: its
+# output size depends on the data).
 
 
-def _dense_segments(group_ids, subgroup_ids):
-    """Map arbitrary integer ids (or (group, subgroup) pairs) to dense 0..G-1 on the host side.
+def dense_segments(group_ids, subgroup_ids=None):
+    """(seg, order): dense segment index 0..G-1 of every sample, in sorted order of the ids (or of
+    the (group, subgroup) pairs, lexicographically), and the stable sort permutation."""
+    # Tensor ops only, no Python indexing (see dispatch.contiguous on why).
+    g = group_ids.reshape(-1).long()
+    S = g.shape[0]
 
-    torch.unique synchronises, which is fine here: G sets the launch grid anyway.
-    """
+    def changes(x):  # x[i] != x[i - 1] for i >= 1
+        return torch.ne(x.narrow(0, 1, max(S - 1, 0)), x.narrow(0, 0, max(S - 1, 0)))
+
     if subgroup_ids is None:
-        uniq, inv = torch.unique(group_ids.reshape(-1), return_inverse=True)
+        order = torch.argsort(g, stable=True)
+        brk = changes(torch.index_select(g, 0, order))
     else:
-        keys = torch.stack([group_ids.reshape(-1).long(), subgroup_ids.reshape(-1).long()], 1)
-        uniq, inv = torch.unique(keys, dim=0, return_inverse=True)
-    return inv, uniq.shape[0]
+        sub = subgroup_ids.reshape(-1).long()
+        o1 = torch.argsort(sub, stable=True)
+        order = torch.index_select(o1, 0, torch.argsort(torch.index_select(g, 0, o1), stable=True))
+        brk = changes(torch.index_select(g, 0, order)) | changes(torch.index_select(sub, 0, order))
+    # segment index of the i-th sorted sample: the number of id changes before it
+    new = torch.cat([torch.ones(min(S, 1), device=g.device, dtype=torch.long), brk.long()])
+    seg_sorted = torch.cumsum(new, 0) - 1
+    seg = torch.empty_like(seg_sorted).scatter_(0, order, seg_sorted)
+    return seg, order
 
 
-def _segment_stats(rewards, inv, G, mode, eps, backend):
-    """Per-segment (mean, std, scale, count) so that advantage = (r - mean[seg]) * scale[seg]."""
-    counts = torch.bincount(inv, minlength=G)
+def _stats_dtype(rewards, backend):
+    return torch.float32 if backend == "triton" else torch.promote_types(rewards.dtype, torch.float32)
+
+
+def _segment_stats(rewards, seg, order, grpo, eps, backend):
+    """Per-slot (mean, std, scale, count), S slots, so that advantage = (r - mean[seg]) * scale[seg]."""
+    S = rewards.numel()
+    counts = torch.zeros(S, device=rewards.device, dtype=torch.long).index_add_(0, seg, torch.ones_like(seg))
     if backend == "triton":
         dev = rewards.device
-        mean = torch.empty(G, device=dev, dtype=torch.float32)
+        mean = torch.empty(S, device=dev, dtype=torch.float32)
         std = torch.empty_like(mean)
         scale = torch.empty_like(mean)
-        order = torch.argsort(inv, stable=True)
         starts = torch.cumsum(counts, 0) - counts
-        if G:
-            triton_fn(_segment_stats_kernel, dev)[(G,)](
-                rewards, order, starts, counts, mean, std, scale, float(eps),
-                GRPO=mode == "grpo", BLOCK=SEG_BLOCK,
+        if S:
+            triton_fn(_segment_stats_kernel, dev)[(S,)](
+                rewards, order, starts, counts, mean, std, scale, float(eps), GRPO=grpo, BLOCK=SEG_BLOCK,
             )
         return mean, std, scale, counts
-    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+    r = rewards.to(_stats_dtype(rewards, backend))
     n = counts.to(r.dtype)
-    mean = torch.zeros(G, device=r.device, dtype=r.dtype).index_add_(0, inv, r) / n
-    dev_ = r - mean[inv]
-    var = torch.zeros_like(mean).index_add_(0, inv, dev_ * dev_) / (n - 1).clamp(min=1)
+    mean = torch.zeros(S, device=r.device, dtype=r.dtype).index_add_(0, seg, r) / n.clamp(min=1)
+    dev_ = r - mean[seg]
+    var = torch.zeros_like(mean).index_add_(0, seg, dev_ * dev_) / (n - 1).clamp(min=1)
     std = var.sqrt()
     one = torch.ones_like(std)
-    scale = 1.0 / (std + eps) if mode == "grpo" else one
+    scale = 1.0 / (std + eps) if grpo else one
     scale = torch.where(counts > 1, scale, torch.zeros_like(scale))
     return mean, std, scale, counts
 
 
-def _advantages_from_stats(rewards, inv, mean, scale, backend):
+def _advantages_from_stats(rewards, seg, mean, scale, backend):
     if backend == "triton":
         S = rewards.numel()
         out = torch.empty(S, device=rewards.device, dtype=torch.float32)
         if S:
             triton_fn(_group_adv_kernel, rewards.device)[(triton.cdiv(S, 1024),)](
-                rewards, inv, mean, scale, out, S, BLOCK=1024
+                rewards, seg, mean, scale, out, S, BLOCK=1024
             )
         return out
-    return (rewards.to(mean.dtype) - mean[inv]) * scale[inv]
+    return (rewards.to(mean.dtype) - mean[seg]) * scale[seg]
 
 
-def group_advantages(rewards, group_ids, *, subgroup_ids=None, mode="grpo", eps=1e-6, return_group_stats=False):
+@torch.library.custom_op("axpo::group_advantages", mutates_args=())
+def group_advantages_op(
+    rewards: torch.Tensor, seg: torch.Tensor, order: torch.Tensor, grpo: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(adv [S], mean [S], std [S], scale [S], count [S]) from flat rewards and dense segments."""
+    backend = backend_for(rewards)
+    r = rewards.contiguous() if backend == "triton" else rewards
+    mean, std, scale, counts = _segment_stats(r, seg, order, grpo, eps, backend)
+    adv = _advantages_from_stats(r, seg, mean, scale, backend)
+    return adv, mean, std, scale, counts
+
+
+@group_advantages_op.register_fake
+def _(rewards, seg, order, grpo, eps):
+    S = rewards.shape[0]
+    dt = _stats_dtype(rewards, backend_for(rewards))
+    f = lambda: rewards.new_empty(S, dtype=dt)  # noqa: E731
+    return f(), f(), f(), f(), rewards.new_empty(S, dtype=torch.long)
+
+
+def _group_advantages(rewards, group_ids, subgroup_ids, mode, eps, op):
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    r = rewards.reshape(-1)
+    if group_ids.numel() != r.numel() or (subgroup_ids is not None and subgroup_ids.numel() != r.numel()):
+        raise ValueError("rewards, group_ids and subgroup_ids must have the same number of elements")
+    check_same_device(op, rewards=rewards, group_ids=group_ids, subgroup_ids=subgroup_ids)
+    seg, order = dense_segments(group_ids, subgroup_ids)
+    adv, mean, std, scale, counts = group_advantages_op(r, seg, order, mode == "grpo", float(eps))
+    return r, seg, adv, mean, std, scale, counts
+
+
+def group_advantages(
+    rewards, group_ids, *, subgroup_ids=None, mode="grpo", eps=1e-6, return_group_stats=False, num_segments=None
+):
     """Group-relative advantages.
 
     `grpo`: `(r - mean_g) / (std_g + eps)` with the unbiased (Bessel) std; `dr_grpo`: `r - mean_g`.
@@ -225,21 +281,34 @@ def group_advantages(rewards, group_ids, *, subgroup_ids=None, mode="grpo", eps=
     Returns `adv` `[S]` (fp32; fp64 for fp64 rewards on the PyTorch path). With
     `return_group_stats=True` also a dict with per-segment `mean`, `std`, `count`, `zero_std`
     (the flag for groups whose rewards are all equal, which carry no learning signal) and
-    `segment` (each sample's dense segment index).
+    `segment` (each sample's dense segment index), segments in sorted order of the ids.
+    The per-segment arrays have `num_segments` entries: pass the number of distinct ids (or
+    (group, subgroup) pairs) when it is known, e.g. under torch.compile or FakeTensorMode; left
+    None it is read from the data (one host sync, eager only). The advantages themselves never
+    need it: their computation has static shapes.
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    r = rewards.reshape(-1)
-    if group_ids.numel() != r.numel() or (subgroup_ids is not None and subgroup_ids.numel() != r.numel()):
-        raise ValueError("rewards, group_ids and subgroup_ids must have the same number of elements")
-    backend = backend_for(r)
-    inv, G = _dense_segments(group_ids, subgroup_ids)
-    r_in = r.contiguous() if backend == "triton" else r
-    mean, std, scale, counts = _segment_stats(r_in, inv, G, mode, eps, backend)
-    adv = _advantages_from_stats(r_in, inv, mean, scale, backend).view(rewards.shape)
+    r, seg, adv, mean, std, scale, counts = _group_advantages(
+        rewards, group_ids, subgroup_ids, mode, eps, "group_advantages"
+    )
+    adv = adv.view(rewards.shape)
     if not return_group_stats:
         return adv
-    return adv, {"mean": mean, "std": std, "count": counts, "zero_std": (std == 0) & (counts > 1), "segment": inv}
+    G = num_segments
+    if G is None:
+        try:
+            G = int(seg.max()) + 1 if seg.numel() else 0  # data-dependent: a host sync, eager only
+        except Exception as e:
+            raise RuntimeError(
+                "group_advantages(return_group_stats=True) reads the number of segments from the data; "
+                "pass num_segments= when tracing (torch.compile, FakeTensorMode)"
+            ) from e
+    G = int(G)
+
+    def first(t):
+        return t.narrow(0, 0, G)
+
+    return adv, {"mean": first(mean), "std": first(std), "count": first(counts),
+                 "zero_std": first((std == 0) & (counts > 1)), "segment": seg}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -253,7 +322,7 @@ def _row_scale(mask2, agg, normalizer):
     given = None if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32, device=m.device)
     if agg == "token-mean":
         denom = m.sum().clamp(min=1.0) if given is None else given
-        return (1.0 / denom).reshape(1).expand(m.shape[0]).contiguous()
+        return contiguous((1.0 / denom).reshape(1).expand(m.shape[0]))
     per_row = m.sum(-1).clamp(min=1.0)
     nseq = float(m.shape[0]) if given is None else given
     return 1.0 / (per_row * nseq)
@@ -324,22 +393,68 @@ def _loss_triton(lp, old, adv, mask, ref, row_scale, clip_low, clip_high, beta, 
     return dlogp, parts.sum(0)
 
 
-class _AttachGrad(torch.autograd.Function):
-    """loss (computed without autograd) with backward g * dloss/dlogp, precomputed in the kernel."""
+@torch.library.custom_op("axpo::policy_loss", mutates_args=())
+def policy_loss_op(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor | None,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    row_scale: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    beta: float,
+    rewards: torch.Tensor | None,
+    seg: torch.Tensor | None,
+    seg_mean: torch.Tensor | None,
+    seg_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parts [5]: sums of (loss, clipped, ratio, kl, mask), dlogp [R, T]) for [R, T] inputs.
 
-    @staticmethod
-    def forward(ctx, logp, loss, dlogp):
-        ctx.save_for_backward(dlogp)
-        ctx.dtype = logp.dtype
-        return loss.clone()
+    Advantages are `adv` ([R] or [R, T]) or, fused, formed from `rewards` [R] and the segment
+    statistics. Differentiable in `logp` through parts[0] (the loss) only.
+    """
+    fused = (rewards, seg, seg_mean, seg_scale) if rewards is not None else None
+    lp = logp.detach()
+    if backend_for(logp) == "triton":
+        dlogp, parts = _loss_triton(lp, old_logp, adv, mask, ref_logp, row_scale, clip_low, clip_high, beta, fused)
+    else:
+        if fused is not None:  # PyTorch path: the advantages are formed here, then the same math
+            adv = (rewards.to(seg_mean.dtype) - seg_mean[seg]) * seg_scale[seg]
+        dlogp, parts = _loss_torch(lp, old_logp, adv, mask, ref_logp, row_scale, clip_low, clip_high, beta)
+    return parts, dlogp
 
-    @staticmethod
-    def backward(ctx, g):
-        (dlogp,) = ctx.saved_tensors
-        return (g * dlogp).to(ctx.dtype), None, None
+
+def _loss_dtype(logp):
+    return torch.float32 if backend_for(logp) == "triton" else torch.promote_types(logp.dtype, torch.float32)
 
 
-def _policy_loss(logp, old_logp, mask, adv, ref_logp, clip_low, clip_high, beta, agg, normalizer, fused=None):
+@policy_loss_op.register_fake
+def _(logp, old_logp, adv, mask, ref_logp, row_scale, clip_low, clip_high, beta, rewards, seg, seg_mean, seg_scale):
+    dt = _loss_dtype(logp)
+    return logp.new_empty(N_PARTIALS, dtype=dt), logp.new_empty(logp.shape, dtype=dt)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    _, dlogp = output
+    ctx.save_for_backward(dlogp)
+    ctx.lp_dtype = inputs[0].dtype
+    ctx.mark_non_differentiable(dlogp)
+    ctx.set_materialize_grads(False)
+
+
+def _loss_backward(ctx, g_parts, _g_dlogp):
+    if g_parts is None or not ctx.needs_input_grad[0]:
+        return (None,) * 13
+    (dlogp,) = ctx.saved_tensors
+    return ((g_parts.select(0, 0) * dlogp).to(ctx.lp_dtype),) + (None,) * 12
+
+
+torch.library.register_autograd("axpo::policy_loss", _loss_backward, setup_context=_loss_setup_context)
+
+
+def _policy_loss(logp, old_logp, mask, adv, ref_logp, clip_low, clip_high, beta, agg, normalizer, fused=None,
+                 op="clipped_policy_loss"):
     if agg not in _AGGS:
         raise ValueError(f"agg must be one of {_AGGS}, got {agg!r}")
     if old_logp.shape != logp.shape or mask.shape != logp.shape:
@@ -348,12 +463,12 @@ def _policy_loss(logp, old_logp, mask, adv, ref_logp, clip_low, clip_high, beta,
         raise ValueError("ref_logp must have the shape of logp")
     if logp.dim() == 0:
         raise ValueError("logp must have at least one dimension (tokens)")
+    check_same_device(op, logp=logp, old_logp=old_logp, mask=mask, advantages=adv, ref_logp=ref_logp)
     T = logp.shape[-1]
     lp2 = logp.reshape(-1, T)
     R = lp2.shape[0]
     old2, mask2 = old_logp.reshape(R, T), mask.reshape(R, T)
     ref2 = ref_logp.reshape(R, T) if ref_logp is not None else None
-    backend = backend_for(logp)
     row_scale = _row_scale(mask2, agg, normalizer)
     if adv is not None:
         if adv.shape == logp.shape:
@@ -366,25 +481,14 @@ def _policy_loss(logp, old_logp, mask, adv, ref_logp, clip_low, clip_high, beta,
             )
     else:
         adv2 = None
-    with torch.no_grad():
-        if backend == "triton":
-            dlogp, parts = _loss_triton(
-                lp2.detach(), old2, adv2, mask2, ref2, row_scale, clip_low, clip_high, beta, fused
-            )
-        else:
-            if fused is not None:  # PyTorch path: the advantages are formed here, then the same math
-                rew, seg, mean, scale = fused
-                adv2 = (rew.to(mean.dtype) - mean[seg]) * scale[seg]
-            dlogp, parts = _loss_torch(lp2.detach(), old2, adv2, mask2, ref2, row_scale, clip_low, clip_high, beta)
-    n_tok = parts[4].clamp(min=1.0)
-    stats = {
-        "clip_frac": parts[1] / n_tok,
-        "ratio_mean": parts[2] / n_tok,
-        "kl_mean": parts[3] / n_tok,
-    }
-    loss = parts[0]
-    if torch.is_grad_enabled() and logp.requires_grad:
-        loss = _AttachGrad.apply(logp, loss, dlogp.view(logp.shape))
+    rew, seg, mean, scale = fused if fused is not None else (None,) * 4
+    parts, _ = policy_loss_op(lp2, old2, adv2, mask2, ref2, row_scale, float(clip_low), float(clip_high),
+                              float(beta), rew, seg, mean, scale)
+    loss = parts.select(0, 0)
+    p = parts.detach()
+    n_tok = p.select(0, 4).clamp(min=1.0)
+    stats = {"clip_frac": p.select(0, 1) / n_tok, "ratio_mean": p.select(0, 2) / n_tok,
+             "kl_mean": p.select(0, 3) / n_tok}
     return loss, stats
 
 
@@ -457,16 +561,16 @@ def grouped_policy_loss(
     r = rewards.reshape(-1)
     if r.numel() != R or group_ids.numel() != R:
         raise ValueError(f"rewards and group_ids need one entry per sequence ({R})")
-    backend = backend_for(logp, rewards)
-    inv, G = _dense_segments(group_ids, subgroup_ids)
-    r_in = r.contiguous() if backend == "triton" else r
-    mean, std, scale, counts = _segment_stats(r_in, inv, G, mode, eps, backend)
+    check_same_device("grouped_policy_loss", logp=logp, rewards=rewards, group_ids=group_ids,
+                      subgroup_ids=subgroup_ids)
+    r_in, seg, adv, mean, std, scale, counts = _group_advantages(
+        r, group_ids, subgroup_ids, mode, eps, "grouped_policy_loss"
+    )
     loss, stats = _policy_loss(
         logp, old_logp, mask, None, ref_logp, clip_low, clip_high, beta, agg, normalizer,
-        fused=(r_in, inv, mean, scale),
+        fused=(r_in, seg, mean, scale), op="grouped_policy_loss",
     )
-    with torch.no_grad():
-        stats["advantages"] = _advantages_from_stats(r_in, inv, mean, scale, backend)
-        multi = counts > 1
-        stats["zero_std_frac"] = ((std == 0) & multi).sum().float() / multi.sum().clamp(min=1).float()
+    stats["advantages"] = adv
+    multi = counts > 1
+    stats["zero_std_frac"] = ((std == 0) & multi).sum().float() / multi.sum().clamp(min=1).float()
     return loss, stats

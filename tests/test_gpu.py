@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from axpo.kernels import clipped_policy_loss, grouped_policy_loss, linear_logprob_entropy, logprob_entropy
+from axpo.kernels import (clipped_policy_loss, grouped_policy_loss, linear_logprob_entropy, linear_policy_loss,
+                          logprob_entropy)
 from axpo.kernels.reference import (clipped_policy_loss_ref, grouped_policy_loss_ref,
                                     linear_logprob_entropy_ref, logprob_entropy_ref)
 
@@ -53,6 +54,59 @@ def test_linear_logprob_entropy_cuda_vs_reference():
     torch.testing.assert_close(lp.double(), a, atol=1e-4, rtol=0)
     torch.testing.assert_close(h.grad.double(), h2.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(w.grad.double(), w2.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_head_multichunk_low_precision_dw(dtype, monkeypatch):
+    """Issue #19: several chunks accumulate dW in fp32 through mm(out_dtype=fp32); the first chunk
+    must write the accumulator (it is torch.empty, here filled with NaN by the poison mode)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("axpo.kernels.dispatch"), "POISON_EMPTY", True)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    N, H, V = 1000, 128, 5003
+    h = torch.randn(N, H, device=DEV, generator=g).to(dtype)
+    w = (torch.randn(V, H, device=DEV, generator=g) * 0.05).to(dtype)
+    t = torch.randint(0, V, (N,), device=DEV, generator=g)
+    up = torch.randn(N, device=DEV, generator=g)
+
+    def grads(fn, hh, ww, **kw):
+        hh, ww = hh.detach().requires_grad_(), ww.detach().requires_grad_()
+        lp, ent = fn(hh, ww, t, **kw)
+        ((lp * up).sum() + (ent * up.flip(0)).sum()).backward()
+        return hh.grad, ww.grad
+
+    dx, dw = grads(linear_logprob_entropy, h, w, chunk_tokens=137)  # 8 chunks
+    dx64, dw64 = grads(linear_logprob_entropy_ref, h.double(), w.double(), compute_dtype=torch.float64)
+    dxs, dws = grads(linear_logprob_entropy_ref, h, w, compute_dtype=dtype)
+    for ours, ref, same in ((dx, dx64, dxs), (dw, dw64, dws)):
+        assert torch.isfinite(ours).all()
+        err = (ours.double() - ref).abs().max().item()
+        base = (same.double() - ref).abs().max().item()
+        assert err <= base + 2e-2 * (1 + ref.abs().max().item()), (err, base)
+
+
+def test_linear_policy_loss_cuda_equals_composed():
+    g = torch.Generator(device=DEV).manual_seed(4)
+    B, T, H, V = 4, 300, 256, 32000
+    h = torch.randn(B, T, H, device=DEV, generator=g)
+    w = torch.randn(V, H, device=DEV, generator=g) * 0.05
+    t = torch.randint(0, V, (B, T), device=DEV, generator=g)
+    old = -torch.rand(B, T, device=DEV, generator=g) * 8
+    ref = old + 0.1 * torch.randn(B, T, device=DEV, generator=g)
+    adv = torch.randn(B, device=DEV, generator=g)
+    mask = torch.rand(B, T, device=DEV, generator=g) > 0.2
+    kw = dict(ref_logp=ref, beta=0.04, clip_high=0.28)
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    l1, s1 = linear_policy_loss(h1, w1, t, old, adv, mask, chunk_tokens=256, **kw)
+    (2.0 * l1).backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    lp, _ = linear_logprob_entropy(h2, w2, t, chunk_tokens=256)
+    l2, s2 = clipped_policy_loss(lp, old, adv, mask, **kw)
+    (2.0 * l2).backward()
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_policy_losses_cuda_vs_reference():

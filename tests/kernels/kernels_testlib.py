@@ -272,3 +272,75 @@ def check_grouped(mode, with_sub, agg, beta, R=8, T=9):
     x3 = logp.double().requires_grad_()
     l3, _ = grouped_policy_loss_ref(x3, old.double(), mask, rewards.double(), ids, **{**kw, "ref_logp": ref.double()})
     torch.testing.assert_close(l1.double(), l3, rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------
+# fused head + loss
+# -------------------------------------------------------------------------------------------------
+
+
+def check_linear_policy_loss(B, T, H, V, dtype, *, bias=False, temperature=1.0, adv_kind="seq", agg="token-mean",
+                             beta=0.0, with_ref=False, chunk_tokens=None, masked_targets=(), normalizer=None,
+                             clip_low=0.2, clip_high=0.28, seed=0, return_entropy=True):
+    """linear_policy_loss against the composed reference (linear_logprob_entropy_ref + the loss
+    reference) in fp64 from the same inputs, no worse than the composed reference in `dtype`."""
+    from axpo.kernels import linear_policy_loss
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * (2.0 / H**0.5)).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets.view(-1)[0] = V - 1
+    for r in masked_targets:
+        targets.view(-1)[r] = -100
+    with torch.no_grad():
+        lp0, _ = linear_logprob_entropy_ref(hidden.double(), weight.double(), targets,
+                                            bias=b.double() if bias else None, temperature=temperature)
+    old = (lp0 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    ref = (lp0 + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)).float() if with_ref else None
+    adv = torch.randn(B, generator=g) if adv_kind == "seq" else torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    mask.view(-1)[min(1, B * T - 1)] = True
+    kw = dict(clip_low=clip_low, clip_high=clip_high, beta=beta, agg=agg, normalizer=normalizer)
+
+    def leaves(cast):
+        h = cast(hidden).detach().requires_grad_()
+        w = cast(weight).detach().requires_grad_()
+        bb = cast(b).detach().requires_grad_() if bias else None
+        return h, w, bb
+
+    h, w, bb = leaves(lambda t: t)
+    loss, stats = linear_policy_loss(h, w, targets, old, adv, mask, bias=bb, temperature=temperature,
+                                     ref_logp=ref, return_entropy=return_entropy, chunk_tokens=chunk_tokens, **kw)
+    loss.backward()
+    ours = [loss.detach(), stats["logp"], h.grad, w.grad] + ([bb.grad] if bias else [])
+
+    def composed(cast, compute_dtype):
+        h, w, bb = leaves(cast)
+        lp, ent = linear_logprob_entropy_ref(h, w, targets, bias=bb, temperature=temperature,
+                                             compute_dtype=compute_dtype)
+        c = lambda t: t.to(lp.dtype) if t is not None else None  # noqa: E731
+        lo, st = clipped_policy_loss_ref(lp, c(old), c(adv), mask, ref_logp=c(ref), **kw)
+        lo.backward()
+        return [lo.detach(), lp.detach(), h.grad, w.grad] + ([bb.grad] if bias else []), st, ent
+
+    ref64, st64, ent64 = composed(lambda t: t.double(), torch.float64)
+    same, st_same, _ = composed(lambda t: t, dtype)
+    names = ["loss", "logp", "dhidden", "dweight", "dbias"]
+    for name, o, r, s in zip(names, ours, ref64, same):
+        assert o.dtype == (torch.float32 if name in ("loss", "logp") else dtype), name
+        assert_no_worse(o, r, s, dtype, name)
+    if return_entropy:
+        assert stats["entropy"].shape == targets.shape
+        assert_no_worse(stats["entropy"], ent64.detach(), ent64.detach().to(dtype), dtype, "entropy")
+    else:
+        assert stats["entropy"] is None
+    for k in ("ratio_mean", "kl_mean"):
+        assert_no_worse(stats[k], st64[k], st_same[k], dtype, k)
+    if dtype == torch.float32:  # a count: exact unless a ratio sits within rounding of a clip edge
+        torch.testing.assert_close(stats["clip_frac"].double(), st64["clip_frac"].double(), rtol=0, atol=1e-6)
+    for r in masked_targets:
+        assert stats["logp"].view(-1)[r] == 0
+        assert (h.grad.view(-1, H)[r] == 0).all(), "a masked target must get exactly zero dhidden"
+    return ours, stats

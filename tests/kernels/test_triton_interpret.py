@@ -77,6 +77,7 @@ else:
         check_group_advantages,
         check_grouped,
         check_linear,
+        check_linear_policy_loss,
         check_logprob_entropy,
         check_policy_loss,
         loss_inputs,
@@ -150,6 +151,13 @@ else:
     def test_linear(dtype, bias, chunk):
         check_linear(13, 16, 517, dtype, bias=bias, temperature=0.7, grad_mode="both", chunk_tokens=chunk,
                      masked_rows=(3,))
+
+    @pytest.mark.parametrize("dtype,adv_kind,agg", [(torch.float32, "seq", "token-mean"),
+                                                    (torch.bfloat16, "token", "seq-mean-token-mean")])
+    def test_linear_policy_loss(dtype, adv_kind, agg):
+        """The fused head + loss on the Triton backend: row kernels and the loss kernel per chunk."""
+        check_linear_policy_loss(2, 5, 16, 517, dtype, bias=True, temperature=0.7, adv_kind=adv_kind, agg=agg,
+                                 beta=0.04, with_ref=True, chunk_tokens=3, masked_targets=(4,))
 
     @pytest.mark.parametrize("mode", ["grpo", "dr_grpo"])
     @pytest.mark.parametrize("with_sub", [False, True])
