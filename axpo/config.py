@@ -14,22 +14,28 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from axpo.models import TinyModelConfig
+from axpo.tiny import TinyModelConfig
 
 
 class ConfigError(ValueError):
-    pass
+    """A bad config value; `field` is its dotted path where known (so the loader can say whether it
+    came from the YAML file or the command line)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
 class ModelConfig:
     name: str = "tiny"                        # "tiny" (built-in, from a config) or a hub id / local folder
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    dtype: str = "float32"                    # bfloat16 on GPU for real checkpoints
+    # Compute dtype. bfloat16/float16 train with fp32 master weights (FSDP2 mixed precision).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str = "sdpa"         # "flash_attention_2" when flash-attn is installed
     freeze_vision: bool = False
     activation_checkpointing: bool = False
@@ -54,11 +60,15 @@ class DataConfig:
     train_file: str | None = None             # user JSONL/parquet (replaces built-in tasks when set)
     eval_file: str | None = None
     sft_file: str | None = None
-    on_bad_row: str = "error"                 # "error" | "skip" (skipped rows are counted and logged)
+    on_bad_row: Literal["error", "skip"] = "error"   # skipped rows are counted and logged
+    reward: str = "verify"                    # a registered reward (axpo.register_reward); "verify": the task's answer check
 
 
 @dataclass
 class ToolsConfig:
+    # The tools a question row without a "tools" key is offered (and the ones built for the run);
+    # any registered name (axpo.register_tool).
+    enabled: list[str] = field(default_factory=lambda: ["image_zoom_in", "python", "search"])
     python_timeout_s: float = 5.0
     python_memory_mb: int = 512
     zoom_max_pixels: int = 224 * 224
@@ -67,7 +77,7 @@ class ToolsConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "builtin"                   # "builtin" (CPU/GPU) | "vllm" (GPU, optional extra)
+    engine: Literal["builtin", "vllm"] = "builtin"   # vllm: the optional extra (see README)
     group_size: int = 8                       # G rollouts per question
     temperature: float = 1.0
     top_p: float = 1.0
@@ -84,23 +94,23 @@ class RolloutConfig:
 class AlgoConfig:
     axpo: bool = True                         # False = GRPO baseline (same pipeline)
     brute_force: bool = False                 # spend AXPO's extra budget on extra full rollouts instead
-    cut: str = "first"                        # [choice] "first" tool call only | "every" call site
-    selection: str = "window_entropy"         # [choice] | "call_entropy" | "prefix_entropy" | "random" | "lowest"
+    cut: Literal["first", "every"] = "first"  # [choice] first tool call only | every call site
+    selection: Literal["window_entropy", "call_entropy", "prefix_entropy", "random", "lowest"] = "window_entropy"  # [choice]
     entropy_window: int = 32                  # [choice] W
     prefixes_per_group: int = 2               # [choice]
     branches_per_prefix: int = 4              # [choice] K
     force_tool_call: bool = True              # [choice] branch starts with "<tool_call>" prefilled
     train_forced_call: bool = False           # [choice] keep the forced "<tool_call>" in the loss (as if sampled, no importance weight); default: not sampled, no loss
     max_extra_fraction: float = 0.25          # [choice] extra rollouts / base rollouts per batch
-    credit: str = "soft"                      # [choice] "soft" | "subgroup" | "tree"
+    credit: Literal["soft", "subgroup", "tree"] = "soft"   # [choice]
     tree_sqrt_weight: bool = False            # TreeRL's sqrt(leaf count) weighting in "tree" credit
-    prefix_weight: str = "per_sequence"       # [choice] soft/subgroup: "per_sequence" (prefix trained in parent + K branches) | "once" (weight 1/copies per prefix token)
-    brute_force_plan: str = "axpo"            # [choice] brute force's extra rollouts go to the groups AXPO's selection picks ("axpo") | "round_robin" in group order
-    advantage: str = "grpo"                   # "grpo" | "dr_grpo"
+    prefix_weight: Literal["per_sequence", "once"] = "per_sequence"  # [choice] soft/subgroup: "per_sequence" (prefix trained in parent + K branches) | "once" (weight 1/copies per prefix token)
+    brute_force_plan: Literal["axpo", "round_robin"] = "axpo"  # [choice] brute force's extra rollouts go to the groups AXPO's selection picks ("axpo") | "round_robin" in group order
+    advantage: Literal["grpo", "dr_grpo"] = "grpo"
     clip_low: float = 0.2
     clip_high: float = 0.28                   # DAPO's asymmetric clip-higher
     beta: float = 0.0                         # KL coefficient (ARPO practice: 0)
-    loss_agg: str = "token-mean"              # "token-mean" | "seq-mean-token-mean"
+    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
     ppo_epochs: int = 1
 
 
@@ -160,6 +170,9 @@ class Config:
     sft: StageConfig = field(default_factory=lambda: StageConfig(steps=350, lr=3e-3, questions_per_step=16))
     rl: StageConfig = field(default_factory=lambda: StageConfig(steps=30, lr=2e-4, questions_per_step=8))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Modules (my_pkg.tools) or .py files (relative to the config file) imported before the config
+    # is checked: where user tools, rewards and tasks register (axpo/registry.py).
+    plugins: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +189,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -266,7 +283,8 @@ def from_dict(cls, data: dict, where: str = ""):
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}",
+            field=f"{prefix}{unknown[0]!s}")
     kwargs = {}
     for name, value in data.items():
         default = _field_default(fields[name])
@@ -274,7 +292,13 @@ def from_dict(cls, data: dict, where: str = ""):
             value = _deep_merge(dataclasses.asdict(default), value)
         elif isinstance(value, dict) and isinstance(default, dict):
             value = _deep_merge(default, value)
-        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+        path = f"{where}.{name}" if where else name
+        try:
+            kwargs[name] = _coerce(value, hints[name], path)
+        except ConfigError as e:
+            if e.field is None:
+                e.field = path
+            raise
     return cls(**kwargs)
 
 
@@ -293,31 +317,122 @@ def apply_override(data: dict, key: str, raw: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def _flat_keys(data: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        out.add(key)
+        if isinstance(v, dict):
+            out |= _flat_keys(v, key + ".")
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, check: bool = True) -> Config:
+    """The run config: defaults <- the YAML file <- the command-line overrides, then checked
+    (types and choices while reading; ranges, cross-field rules, data files and registered names
+    after: axpo/config_checks.py). Every error names its field and where the value came from."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
+    cli: set[str] = set()
     for ov in overrides:
         if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+            raise ConfigError(f"command line: override {ov!r} must look like key.sub=value")
         k, v = ov.split("=", 1)
-        apply_override(data, k.lstrip("-"), v)
+        k = k.lstrip("-")
+        try:
+            apply_override(data, k, v)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"command line: {k}={v}: not a valid value ({e.problem})") from None
+        cli.add(k)
+
+    def source(field: str | None) -> str:
+        if field is None:
+            return str(path or "command line")
+        field = field.split("[", 1)[0]
+        parts = field.split(".")
+        if any(".".join(parts[:i]) in cli for i in range(1, len(parts) + 1)):
+            return "command line"
+        return str(path) if path is not None else "command line"
+
     try:
-        return from_dict(Config, data)
+        cfg = from_dict(Config, data)
     except ConfigError as e:
-        raise ConfigError(f"{path or 'command line'}: {e}") from None
+        raise ConfigError(f"{source(e.field)}: {e}", field=e.field) from None
+    if check:
+        base = path.parent if path is not None else None
+        errors = [(f, msg) for f, msg in check_all(cfg, base)]
+        if errors:
+            lines = [f"{source(f)}: {msg}" for f, msg in errors]
+            raise ConfigError(lines[0] if len(lines) == 1 else
+                              f"{len(lines)} config errors:\n  " + "\n  ".join(lines), field=errors[0][0])
+    return cfg
+
+
+def check_all(cfg: Config, base: Path | None = None) -> list[tuple[str, str]]:
+    """(field, message) for every rule, data file and registered name that fails. Imports the
+    config's plugins first, so their tools, rewards and tasks count as registered."""
+    from axpo.config_checks import check_config
+
+    out = [(m.split(" = ", 1)[0], m) for m in check_config(cfg)]
+    try:
+        from axpo.registry import import_plugins
+
+        import_plugins(cfg.plugins, base)
+    except Exception as e:   # a plugin that fails to import: say which, with its error
+        return out + [("plugins", f"plugins = {cfg.plugins!r}: {type(e).__name__}: {e}")]
+    import axpo.rewards  # noqa: F401  (registers the built-in reward)
+    from axpo.registry import REWARDS
+    from axpo.tasks import TASKS
+    from axpo.tools import TOOLS
+
+    for i, name in enumerate(cfg.tools.enabled):
+        if name not in TOOLS:
+            out.append((f"tools.enabled", f"tools.enabled[{i}] = {name!r}: unknown tool; registered: "
+                        f"{', '.join(TOOLS.names())}"))
+    if cfg.data.reward not in REWARDS:
+        out.append(("data.reward", f"data.reward = {cfg.data.reward!r}: unknown reward; registered: "
+                    f"{', '.join(REWARDS.names())}"))
+    uses_builtin = not (cfg.data.train_file and cfg.data.eval_file and cfg.data.sft_file)
+    if uses_builtin:
+        for i, name in enumerate(cfg.data.tasks):
+            if name not in TASKS:
+                out.append(("data.tasks", f"data.tasks[{i}] = {name!r}: unknown task; registered: "
+                            f"{', '.join(TASKS.names())}"))
+    for name in cfg.data.task_options:
+        if name not in TASKS:
+            out.append(("data.task_options", f"data.task_options has options for {name!r}, which is no "
+                        f"registered task ({', '.join(TASKS.names())})"))
+    for key in ("train_file", "eval_file", "sft_file"):
+        value = getattr(cfg.data, key)
+        if value is None:
+            continue
+        p = Path(value)
+        if not p.exists():
+            out.append((f"data.{key}", f"data.{key} = {value!r}: no such file"))
+        elif p.is_dir():
+            out.append((f"data.{key}", f"data.{key} = {value!r}: is a folder, not a JSONL/JSON/parquet file"))
+        elif p.stat().st_size == 0 or (p.suffix != ".parquet" and not p.read_bytes()[:1 << 20].strip()):
+            out.append((f"data.{key}", f"data.{key} = {value!r}: the file is empty"))
+    return out
 
 
 def _groups_help() -> str:
     lines = ["config groups (override any field with group.field=value):"]
     for f in dataclasses.fields(Config):
         sub = typing.get_type_hints(Config)[f.name]
+        if not dataclasses.is_dataclass(sub):
+            lines.append(f"  {f.name:8s} {_type_name(sub)}")
+            continue
         fields = [g.name for g in dataclasses.fields(sub)]
         lines.append(f"  {f.name:8s} {sub.__name__}: {', '.join(fields)}")
     return "\n".join(lines)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from axpo.agent.trajectory import Trajectory
 from axpo.config import Config
 from axpo.data import load_demonstrations, load_samples
-from axpo.tasks import DemoConfig, generate_task, task_config, verify
+from axpo.registry import REWARDS, RewardFn, make_tool
+from axpo.tasks import DemoConfig, generate_task, task_config
 from axpo.tasks.demonstrations import LazyDemonstrations
-from axpo.tools import TOOL_NAMES, build_tools
+from axpo.tools import tool_set_config
 from axpo.tools.base import ToolRegistry
 
 # Seeds of the three built-in splits are offset so the sets do not share questions.
@@ -32,21 +33,30 @@ class Sources:
     demos: Sequence  # Demonstration items; built-in ones are made lazily (LazyDemonstrations)
     tools: ToolRegistry
     skipped_rows: dict[str, int] = field(default_factory=dict)
+    reward_impl: RewardFn | None = None   # None: the built-in `verify`
 
     def __post_init__(self):
         self._by_uid = {"train": _by_uid(self.train, "train"), "eval": _by_uid(self.eval, "eval")}
+        if self.reward_impl is None:
+            import axpo.rewards  # noqa: F401  (registers "verify")
 
-    def reward(self, traj: Trajectory, split: str) -> float:
-        """Binary outcome reward of a trajectory of `split`'s question ("train" or "eval"); one
-        without a final answer scores 0."""
-        table = self._by_uid[split]
-        sample = table.get(traj.sample_uid)
+            self.reward_impl = REWARDS["verify"]
+
+    def sample_of(self, traj: Trajectory, split: str):
+        sample = self._by_uid[split].get(traj.sample_uid)
         if sample is None:
             raise KeyError(f"reward: trajectory {traj.uid} is for question {traj.sample_uid!r}, "
                            f"which is not in the {split} split")
-        if not traj.finished:
-            return 0.0
-        return float(verify(sample, traj.final_text))
+        return sample
+
+    def reward(self, traj: Trajectory, split: str) -> float:
+        """The run's reward (`data.reward`, default `verify`: 1.0 for a right final answer, 0.0
+        otherwise or without one) of a trajectory of `split`'s question ("train" or "eval")."""
+        return self.reward_impl.score([self.sample_of(traj, split)], [traj])[0]
+
+    def score(self, trajs: list[Trajectory], split: str) -> list[float]:
+        """Rewards of many trajectories in one call (one call of a batched reward function)."""
+        return self.reward_impl.score([self.sample_of(t, split) for t in trajs], trajs)
 
     def reward_fn(self, split: str) -> Callable[[Trajectory], float]:
         if split not in self._by_uid:
@@ -69,12 +79,12 @@ def _where(s) -> str:
     return f"{src}: line {line}" if src is not None else f"task {s.task}"
 
 
-def _loaded(path: str, kind: str, on_bad_row: str, skipped: dict, tools: ToolRegistry) -> list:
-    """A user file's rows. A row without `tools` gets every registered tool (as the built-in
-    tasks' prompts do); `"tools": []` means none; an unregistered name is a bad row."""
+def _loaded(path: str, kind: str, on_bad_row: str, skipped: dict, default_tools: list[str],
+            known_tools: list[str]) -> list:
+    """A user file's rows. A row without `tools` gets the run's default tools (`tools.enabled`);
+    `"tools": []` means none; a name that is not registered is a bad row."""
     loader = load_samples if kind != "sft" else load_demonstrations
-    names = list(tools.tools)
-    out = loader(path, on_bad_row=on_bad_row, default_tools=names, known_tools=names)
+    out = loader(path, on_bad_row=on_bad_row, default_tools=default_tools, known_tools=known_tools)
     if out.skipped:
         skipped[path] = out.skipped
         print(f"{path}: skipped {out.skipped} bad rows (data.on_bad_row=skip); first: {out.errors[0]}",
@@ -82,7 +92,25 @@ def _loaded(path: str, kind: str, on_bad_row: str, skipped: dict, tools: ToolReg
     return out.items
 
 
-def build_sources(cfg: Config, fmt=None) -> Sources:
+def _reward(cfg: Config, reward) -> RewardFn:
+    if reward is None:
+        import axpo.rewards  # noqa: F401  (registers "verify")
+
+        return REWARDS[cfg.data.reward]
+    if isinstance(reward, RewardFn):
+        return reward
+    if isinstance(reward, str):
+        return REWARDS[reward]
+    if callable(reward):
+        return RewardFn(reward)
+    raise TypeError(f"reward must be a registered name, a function (sample, trajectory) -> float or a "
+                    f"RewardFn, got {type(reward).__name__}")
+
+
+def build_sources(cfg: Config, fmt=None, *, tools: list | None = None, reward=None) -> Sources:
+    """The run's questions, demonstrations, tools and reward. `tools`: Tool objects offered in
+    addition to `tools.enabled` (by default too); `reward`: a function (sample, trajectory) ->
+    float, a RewardFn or a registered name, instead of `data.reward`."""
     d = cfg.data
     skipped: dict[str, int] = {}
     documents = None
@@ -90,7 +118,6 @@ def build_sources(cfg: Config, fmt=None) -> Sources:
         from axpo.tasks.search_facts import build_corpus
 
         documents = build_corpus(task_config("search", d.task_options.get("search")))
-    tools = build_tools(list(TOOL_NAMES), cfg.tools, documents=documents)
 
     def builtin(seed: int, size: int) -> list:
         out = []
@@ -98,13 +125,26 @@ def build_sources(cfg: Config, fmt=None) -> Sources:
             out += generate_task(name, size, seed, d.task_options.get(name))
         return out
 
-    train = _loaded(d.train_file, "rl", d.on_bad_row, skipped, tools) if d.train_file else \
-        builtin(d.seed, d.train_size)
-    evals = _loaded(d.eval_file, "rl", d.on_bad_row, skipped, tools) if d.eval_file else \
-        builtin(d.seed + EVAL_SEED_OFFSET, d.eval_size)
+    objects = list(tools or [])
+    default_names = list(dict.fromkeys([*cfg.tools.enabled, *(t.name for t in objects)]))
+    train = None if d.train_file else builtin(d.seed, d.train_size)
+    evals = None if d.eval_file else builtin(d.seed + EVAL_SEED_OFFSET, d.eval_size)
+    # Built-in tasks name the tools they need (perception: zoom); those are built even if not enabled.
+    needed = [n for split in (train or [], evals or []) for s in split for n in s.tools]
+    if not d.sft_file:
+        needed += [n for name in d.tasks for n in getattr(task_config(name, d.task_options.get(name)), "tools", [])]
+    names = list(dict.fromkeys([*default_names, *needed]))
+    own = {t.name for t in objects}
+    registry = ToolRegistry([make_tool(n, cfg=tool_set_config(cfg.tools), documents=documents)
+                             for n in names if n not in own] + objects)
+    known = registry.names
+    if train is None:
+        train = _loaded(d.train_file, "rl", d.on_bad_row, skipped, default_names, known)
+    if evals is None:
+        evals = _loaded(d.eval_file, "rl", d.on_bad_row, skipped, default_names, known)
     if d.sft_file:
-        demos = _loaded(d.sft_file, "sft", d.on_bad_row, skipped, tools)
+        demos = _loaded(d.sft_file, "sft", d.on_bad_row, skipped, default_names, known)
     else:
-        demos = LazyDemonstrations(d.tasks, d.sft_size, d.seed + SFT_SEED_OFFSET, tools, d.task_options,
+        demos = LazyDemonstrations(d.tasks, d.sft_size, d.seed + SFT_SEED_OFFSET, registry, d.task_options,
                                    demo_seed=d.seed, cfg=DemoConfig(**d.demo_options))
-    return Sources(train, evals, demos, tools, skipped)
+    return Sources(train, evals, demos, registry, skipped, _reward(cfg, reward))

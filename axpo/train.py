@@ -14,22 +14,50 @@ if __package__ in (None, ""):
 
 from axpo.config import parse_args  # noqa: E402
 
+# Errors about the user's input or the run's state: one line naming what is wrong, no traceback
+# (under torchrun every rank would print the same one).
+USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "FloatingPointError")
 
-def main(argv=None) -> None:
-    cfg, _ = parse_args(argv, description="AXPO trainer: copy pre-training (tiny base), SFT on tool-use "
-                                          "demonstrations, RL (AXPO or GRPO), evaluation.")
-    from axpo.trainer import Trainer
 
-    trainer = Trainer(cfg)
-    ok = False
+def _is_user_error(e: BaseException) -> bool:
+    return any(c.__name__ in USER_ERRORS for c in type(e).__mro__)
+
+
+def _say(msg: str) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    trainer = None
     try:
-        trainer.run()
-        ok = True
-    finally:
-        # After a failure, skip the final barrier: the other ranks may never reach it, and the
-        # exception must surface (torchrun then stops the whole job).
-        trainer.close(clean=ok)
+        cfg, _ = parse_args(argv, description="AXPO trainer: copy pre-training (tiny base), SFT on tool-use "
+                                              "demonstrations, RL (AXPO or GRPO), evaluation.")
+        from axpo.trainer import Trainer
+
+        trainer = Trainer(cfg)
+        ok = False
+        try:
+            trainer.run()
+            ok = True
+        finally:
+            # After a failure, skip the final barrier: the other ranks may never reach it, and the
+            # exception must surface (torchrun then stops the whole job).
+            trainer.close(clean=ok)
+    except KeyboardInterrupt:
+        latest = trainer.ckpt.latest() if trainer is not None else None
+        where = f"last checkpoint: {latest}" if latest else "no checkpoint yet"
+        _say(f"interrupted; resume with --resume ({where})")
+        return 130
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        _say(f"error: {e}")
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
