@@ -1,35 +1,45 @@
-"""Child side of the `python` tool sandbox. Run as `python -I -B this_file WORKDIR` by
-axpo.tools.python_sandbox; reads WORKDIR/job.json, locks itself down, then runs the model's code.
+"""Runner inside the `python` tool's bubblewrap sandbox (see axpo.tools.python_sandbox).
 
-Order matters: everything that needs privileges or files outside the sandbox (reading the job,
-importing libraries from an interpreter the unprivileged user cannot read, opening the report
-files) happens first; then the uid is dropped, resource limits are set, the audit hook goes in,
-and only then does untrusted code run. Standard library only: this file must not import axpo.
+Run as `python -I -B -X utf8 /.axpo/child.py` inside the sandbox; reads /.axpo/job.json, sets
+resource limits, runs the model's code, then sends a status and the figures to the parent as
+frames (tag byte, 4-byte big-endian length, payload) on the result pipe `job["result_fd"]`.
+
+This file is not a security boundary: the sandbox (namespaces, read-only mounts, seccomp, no
+capabilities) is. Once the model's code runs it can change anything in this process, including
+what is sent back; the parent treats every byte it receives as untrusted and caps its size.
+Standard library only: this file must not import axpo (axpo is not inside the sandbox).
 """
 
 import ast
 import importlib
+import io
 import json
+import linecache
 import os
 import resource
+import struct
 import sys
 import traceback
 
-WORKDIR = os.path.realpath(sys.argv[1])
-JOB = json.load(open(os.path.join(WORKDIR, "job.json")))
+JOB = json.load(open("/.axpo/job.json"))
+WORKDIR = JOB["workdir"]
+_RESULT_FD = JOB["result_fd"]
+os.chdir(WORKDIR)
 
-# Report channels, opened before the lock-down so they survive it. Writes go through os.write,
-# which the audit hook does not see, so the hook itself can report.
-_VIOL_FD = os.open(os.path.join(WORKDIR, "violations.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-_STATUS_FD = os.open(os.path.join(WORKDIR, "status.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-FIG_DIR = os.path.join(WORKDIR, "figures")  # made (and given to the sandbox user) by the parent
-sys.path[:0] = JOB["extra_sys_path"]  # site-packages when running another interpreter of the same version
+# matplotlib's font list, built once by the parent, copied so that plotting does not rebuild it.
+_mpl_dir = os.path.join(WORKDIR, ".mpl")
+os.makedirs(_mpl_dir, exist_ok=True)
+if JOB["want_matplotlib"] and os.path.isdir(JOB["mpl_cache"]):
+    for _f in os.listdir(JOB["mpl_cache"]):
+        if _f.startswith("fontlist") and _f.endswith(".json"):
+            try:
+                with open(os.path.join(JOB["mpl_cache"], _f), "rb") as _src, \
+                        open(os.path.join(_mpl_dir, _f), "wb") as _dst:
+                    _dst.write(_src.read())
+            except OSError:
+                pass
 
-# Pre-import: after the uid drop the interpreter's own files may be unreadable (e.g. a pyenv
-# Python under /root, mode 0700), so modules the code is likely to need are loaded now.
-# ctypes dlopen()s at import (numpy imports it), which the hook would block later; subprocess and
-# socket are loaded so that using them reaches the hook's events and is reported as a violation.
-for _name in ["ctypes", "subprocess", "socket", *JOB["preload"]]:
+for _name in JOB["preload"]:
     try:
         importlib.import_module(_name)
     except Exception:  # an optional library that is not installed
@@ -43,16 +53,8 @@ if JOB["want_matplotlib"]:
     except Exception:
         _plt = None
 
-# ---- lock-down ---------------------------------------------------------------------------
-if JOB["uid"] is not None and os.geteuid() == 0:
-    os.setgroups([])
-    os.setgid(JOB["gid"])
-    os.setuid(JOB["uid"])  # irreversible: real, effective and saved uid all change
-
 
 def _limit(kind, value):
-    if value is None:
-        return
     soft, hard = resource.getrlimit(kind)
     value = int(value)
     new_hard = value if hard == resource.RLIM_INFINITY else min(value, hard)
@@ -66,88 +68,19 @@ _limit(resource.RLIMIT_NOFILE, JOB["max_open_files"])
 # CPU: SIGXCPU at the soft limit, SIGKILL one second later.
 _soft_cpu = int(JOB["cpu_seconds"])
 resource.setrlimit(resource.RLIMIT_CPU, (_soft_cpu, _soft_cpu + 1))
-# Processes (threads count too). Enforced by the kernel only for unprivileged users, hence the
-# uid drop above; the audit hook below is the first line of defence either way.
+# Processes and threads of this uid in the sandbox's own user namespace (bwrap's init is one):
+# enforced by the kernel, since nothing in the sandbox has CAP_SYS_RESOURCE.
 _limit(resource.RLIMIT_NPROC, JOB["max_processes"])
-
-os.chdir(WORKDIR)
 sys.dont_write_bytecode = True
 
 
-class SandboxViolation(PermissionError):
-    """Raised by the audit hook. A PermissionError (OSError) so library code that already copes
-    with an unwritable cache (e.g. importlib's .pyc writes) keeps working."""
-
-
-_BLOCKED = {
-    "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.kill",
-    "os.killpg", "os.setsid", "subprocess.Popen", "pty.spawn", "signal.pthread_kill",
-    "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
-    "socket.gethostbyaddr", "socket.gethostname", "socket.sendto", "socket.sendmsg",
-    "ctypes.dlopen", "ctypes.dlsym", "ctypes.call_function", "ctypes.cdata", "ctypes.addressof",
-    "sys.remote_exec", "resource.setrlimit", "resource.prlimit", "winreg.OpenKey",
-}
-_PATH_EVENTS = {  # event -> indices of path arguments that must stay inside WORKDIR
-    "os.remove": (0,), "os.rename": (0, 1), "os.replace": (0, 1), "os.mkdir": (0,), "os.rmdir": (0,),
-    "os.chmod": (0,), "os.chown": (0,), "os.symlink": (0, 1), "os.link": (0, 1),
-    "os.truncate": (0,), "os.utime": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
-    "shutil.rmtree": (0,), "shutil.copyfile": (1,), "shutil.move": (1,), "os.mkfifo": (0,),
-    "os.mknod": (0,),
-}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_in_hook = False
-
-
-def _inside(path) -> bool:
-    if isinstance(path, int):
-        return True  # an fd: it was opened (and checked) before
+def _send(tag: bytes, payload: bytes) -> None:
+    data = struct.pack(">cI", tag, len(payload)) + payload
     try:
-        real = os.path.realpath(os.fsdecode(path))
-    except Exception:
-        return False
-    return real == WORKDIR or real.startswith(WORKDIR + os.sep)
-
-
-def _violation(what: str):
-    try:
-        os.write(_VIOL_FD, (what.replace("\n", " ")[:200] + "\n").encode())
+        while data:
+            data = data[os.write(_RESULT_FD, data):]
     except OSError:
         pass
-    return SandboxViolation(f"sandbox: {what} is not allowed")
-
-
-def _proc_of_other(path) -> bool:
-    if isinstance(path, int):
-        return False
-    p = os.fsdecode(path)
-    if not p.startswith("/proc/"):
-        return False
-    part = p.split("/")[2] if len(p.split("/")) > 2 else ""
-    return part.isdigit() and int(part) != os.getpid()
-
-
-def _hook(event, args):
-    global _in_hook
-    if _in_hook:
-        return
-    _in_hook = True
-    try:
-        if event in _BLOCKED:
-            raise _violation(event)
-        if event == "open":
-            path, mode, flags = (list(args) + [None, None, None])[:3]
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & _WRITE_FLAGS)
-            if writing and not _inside(path):
-                raise _violation(f"writing {os.fsdecode(path) if not isinstance(path, int) else path}")
-            if _proc_of_other(path):
-                raise _violation(f"reading {os.fsdecode(path)}")
-        elif event in _PATH_EVENTS:
-            for i in _PATH_EVENTS[event]:
-                if i < len(args) and args[i] is not None and not _inside(args[i]):
-                    raise _violation(f"{event} on {os.fsdecode(args[i])}")
-    finally:
-        _in_hook = False
 
 
 # ---- run -----------------------------------------------------------------------------------
@@ -161,7 +94,9 @@ def _save_figures():
         return
     for num in plt.get_fignums():
         if _figure_count < JOB["max_figures"]:
-            plt.figure(num).savefig(os.path.join(FIG_DIR, f"fig_{_figure_count:03d}.png"), dpi=JOB["figure_dpi"])
+            buf = io.BytesIO()
+            plt.figure(num).savefig(buf, format="png", dpi=JOB["figure_dpi"])
+            _send(b"F", buf.getvalue())
             _figure_count += 1
     plt.close("all")
 
@@ -170,11 +105,9 @@ if _plt is not None:
     _plt.show = lambda *a, **k: _save_figures()  # under Agg show() is a no-op: keep the figure
 
 
-def _report(kind, message=""):
-    os.write(_STATUS_FD, json.dumps({"kind": kind, "message": message[-2000:]}).encode())
-
-
 def _run(code: str):
+    # Tracebacks show the failing lines of the code, as they would for a file.
+    linecache.cache["<code>"] = (len(code), None, code.splitlines(True), "<code>")
     tree = ast.parse(code, filename="<code>")
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     last = None
@@ -188,7 +121,6 @@ def _run(code: str):
             print(repr(value))
 
 
-sys.addaudithook(_hook)
 try:
     _run(JOB["code"])
     kind, message = "ok", ""
@@ -200,7 +132,7 @@ except SyntaxError as e:
 except MemoryError:
     kind, message = "memory", "MemoryError"
 except BaseException as e:  # the model's exception: show it the way Python would
-    # Show only the model's own frames and the libraries it called, not this runner or the hook.
+    # Show only the model's own frames and the libraries it called, not this runner.
     frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename != __file__]
     print("Traceback (most recent call last):", file=sys.stderr)
     print("".join(traceback.format_list(frames)), end="", file=sys.stderr)
@@ -213,7 +145,7 @@ except BaseException as e:
 for _stream in (sys.stdout, sys.stderr):
     try:
         _stream.flush()
-    except (OSError, ValueError):  # e.g. EFBIG after the output hit RLIMIT_FSIZE
+    except (OSError, ValueError):
         pass
-_report(kind, message)
+_send(b"S", json.dumps({"kind": kind, "message": message[-2000:]}).encode())
 os._exit(0)  # skip interpreter teardown: nothing left to flush, and it could fail the same way

@@ -1,32 +1,58 @@
-"""`python`: run model-written code in a sandboxed subprocess; return its output and figures.
+"""`python`: run model-written code in an OS-isolated sandbox; return its output and figures.
 
-Containment, outermost first (each layer catches what the one inside it misses):
-- a fresh process group, killed as a whole on the wall-clock timeout;
-- a network namespace with no interfaces (`unshare --net`, when we are root and it works);
-- an unprivileged uid (nobody) when we are root, so the kernel enforces RLIMIT_NPROC and file
-  permissions (RLIMIT_NPROC is not enforced for root);
-- rlimits: CPU time, address space (memory), processes/threads, file size, open files, no core;
-- a scrubbed environment and a per-call temporary working directory;
-- an audit hook (`sys.addaudithook`) in the child blocking fork/exec/subprocess/kill, sockets,
-  ctypes, and writes outside the working directory.
-See `_sandbox_child.py` for the child side. Every containment event comes back as a
-`ToolResult` with an error kind; the parent never raises for anything the code did.
+Isolation is done by the kernel, through bubblewrap (`bwrap`), never by code running inside the
+sandbox. Every call gets a fresh sandbox:
+
+- new user, mount, pid, network, ipc, uts and cgroup namespaces (`--unshare-all --unshare-user`),
+  no nested user namespaces (`--disable-userns`), no capabilities, `no_new_privs`, a new session,
+  and `--die-with-parent`;
+- a read-only root made of read-only binds of only what the interpreter needs: /usr (and the
+  /bin, /lib* links), a few /etc files for the dynamic loader, the interpreter's prefixes and
+  site-packages; its own /proc (its own pid namespace: the trainer is not visible), a minimal
+  /dev, no /sys, no host sockets, a network namespace with only a loopback interface;
+- a private tmpfs working folder capped in bytes (`--size`) and in files (polled by the parent),
+  gone when the call ends;
+- rlimits (CPU, address space, file size, open files, processes: `max_processes=1` = no fork, no
+  threads), a seccomp filter on x86-64 (ptrace, keyrings, bpf, perf, io_uring, userfaultfd,
+  memfd, mount API, namespace flags, ...), and an environment cleared to a short whitelist;
+- when the trainer is root, bwrap itself runs as `drop_to_user` (nobody): the sandbox's processes
+  then have no host privileges even in the kernel's eyes (a uid-0 process without capabilities
+  can still write root-owned /proc/sys files). Interpreter folders under private parents (a venv
+  or pyenv under /root, mode 0700) are made reachable for that user by binding them into a
+  private mount namespace of the launcher (`unshare --mount`), never by changing the host.
+
+Results come back only through pipes: stdout and stderr, and one pipe of framed messages
+(status JSON, figure PNGs) from the child runner. The parent reads them with size caps and a hard
+wall-clock deadline, and never opens a file the sandbox could have written, so symlinks and FIFOs
+planted by the code cannot reach it. On the deadline, or when a cap is hit, bwrap and the
+sandbox's init are killed; with the pid namespace gone, every process of the call is gone.
+
+Without a usable bubblewrap, the tool does not run code: each call returns an error result of kind
+`sandbox_unavailable` whose text names bubblewrap and how to install it, and `check()` raises
+`SandboxUnavailable` with the same message (call it at start-up to fail fast). Construction never
+raises, so building the tool set for its schemas (e.g. the tokenizer corpus) works anywhere.
+See `_sandbox_child.py` for the runner inside the sandbox.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import platform
 import pwd
 import re
+import selectors
 import shutil
 import signal
 import site
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
-import warnings
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,19 +64,20 @@ from axpo.tools.image_zoom import ZoomConfig, fit_to_grid
 
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
 
-# Loaded before the uid drop (see _sandbox_child.py). Cheap (~0.1 s with numpy) next to Python's
-# start-up, and covers what arithmetic and plotting code imports.
-DEFAULT_PRELOAD = (
-    "math", "cmath", "decimal", "fractions", "statistics", "random", "itertools", "functools",
-    "operator", "collections", "heapq", "bisect", "re", "string", "json", "datetime", "time",
-    "calendar", "textwrap", "copy", "pprint", "typing", "dataclasses", "enum", "numbers", "array",
-    "struct", "io", "csv", "hashlib", "base64", "zlib", "unicodedata", "traceback", "warnings",
-    "contextlib", "ast", "difflib", "pathlib", "glob", "fnmatch", "tempfile", "shutil",
-    "encodings.latin_1", "encodings.ascii", "numpy", "numpy.linalg", "numpy.random",
+INSTALL_HINT = (
+    "the python tool runs code only inside a bubblewrap sandbox. Install bubblewrap "
+    "(`apt-get install bubblewrap` on Debian/Ubuntu, `dnf install bubblewrap` on Fedora, "
+    "`apk add bubblewrap` on Alpine); it needs unprivileged user namespaces "
+    "(sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1 where that exists, "
+    "and no AppArmor restrict_unprivileged_userns for bwrap)"
 )
-# Preloaded only when the code names them: numpy's import is ~80 ms of a ~120 ms call, and most
-# calls are plain arithmetic. Code that imports them without naming them (e.g. through
-# __import__ of a computed string) still works where the sandbox user can read site-packages.
+
+# Imported before the limits go in. Kept short: the sandbox can import anything from the bound
+# interpreter later, and every preloaded module costs each call start-up time.
+DEFAULT_PRELOAD = ("math", "numpy")
+# Preloaded only when the code names them: numpy's import is most of a plain call's time, and most
+# calls are plain arithmetic. Code that imports them without naming them still works (the
+# interpreter's site-packages are bound into the sandbox).
 ON_MENTION = {"numpy": ("numpy", "np")}
 
 
@@ -70,49 +97,104 @@ class SandboxConfig:
     wall_timeout_s: float = 5.0
     cpu_time_s: int = 5
     memory_mb: int = 512             # RLIMIT_AS; Python + numpy + matplotlib need ~300 MB of address space
-    max_processes: int = 1           # RLIMIT_NPROC for the child's uid: 1 = no fork, no threads
-    max_file_mb: int = 16            # RLIMIT_FSIZE: bounds stdout/stderr files and figures
+    max_processes: int = 1           # RLIMIT_NPROC inside the sandbox's user namespace: 1 = no fork, no threads
+    max_file_mb: int = 16            # RLIMIT_FSIZE per file, and the cap on stdout+stderr together
     max_open_files: int = 256
     max_output_chars: int = 1000     # stdout+stderr shown to the model (head and tail kept)
     max_figures: int = 2
     figure_dpi: int = 72
     figure_max_pixels: int = 224 * 224  # figures are fitted to the processor grid like zoom crops
     echo_last_expression: bool = True   # print a bare final expression, notebook-style
-    drop_to_user: str = "nobody"     # when running as root; "" keeps root (not recommended)
-    network_namespace: bool = True   # `unshare --net` when available (root)
+    drop_to_user: str = "nobody"     # when the trainer is root, bwrap runs as this user (required: "" = unavailable)
     python_executable: str = ""      # default: this interpreter
     preload: tuple[str, ...] = DEFAULT_PRELOAD
-    tmp_root: str = ""               # parent folder of per-call temp dirs (default: system temp)
+    tmp_root: str = ""               # parent folder of the tool's own temp dirs (default: system temp)
     extra_env: dict[str, str] = field(default_factory=dict)
+    work_mb: int = 64                # tmpfs size of the sandbox's working folder
+    max_files: int = 2000            # files + folders in the working folder (polled; a few hundred over is possible)
+    bwrap: str = ""                  # path of bwrap (default: found on PATH)
+    seccomp: bool = True             # the syscall filter (x86-64 only; elsewhere namespaces and rlimits only)
 
 
-_unshare_ok: bool | None = None
-_unshare_lock = threading.Lock()
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap is missing or cannot create a sandbox here."""
 
 
-def _unshare_available() -> bool:
-    """`unshare --net` needs CAP_SYS_ADMIN; probe once instead of failing every call."""
-    global _unshare_ok
-    with _unshare_lock:
-        if _unshare_ok is None:
-            exe = shutil.which("unshare")
-            try:
-                _unshare_ok = bool(exe) and subprocess.run(
-                    [exe, "--net", "true"], capture_output=True, timeout=10).returncode == 0
-            except (OSError, subprocess.SubprocessError):
-                _unshare_ok = False
-        return _unshare_ok
+# ---- seccomp ----------------------------------------------------------------------------------
+
+# x86-64 syscall numbers (asm/unistd_64.h) refused with EPERM. None of them is needed by Python,
+# numpy or matplotlib; each is kernel attack surface or a way around the other limits.
+_X86_64_DENY = {
+    "ptrace": 101, "syslog": 103, "uselib": 134, "ustat": 136, "sysfs": 139, "vhangup": 153,
+    "pivot_root": 155, "chroot": 161, "acct": 163, "mount": 165, "umount2": 166, "swapon": 167,
+    "swapoff": 168, "reboot": 169, "iopl": 172, "ioperm": 173, "create_module": 174,
+    "init_module": 175, "delete_module": 176, "get_kernel_syms": 177, "query_module": 178,
+    "quotactl": 179, "nfsservctl": 180, "lookup_dcookie": 212, "kexec_load": 246, "add_key": 248,
+    "request_key": 249, "keyctl": 250, "unshare": 272, "move_pages": 279, "perf_event_open": 298,
+    "fanotify_init": 300, "name_to_handle_at": 303, "open_by_handle_at": 304, "setns": 308,
+    "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
+    "memfd_create": 319, "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323,
+    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428,
+    "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+    "pidfd_getfd": 438, "mount_setattr": 442,
+}
+_X86_64_CLONE, _X86_64_CLONE3, _X86_64_IOCTL = 56, 435, 16
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_CLONE_NS_FLAGS = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+_TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
 
 
-def _read_head(path: Path, limit: int) -> tuple[str, int]:
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            data = f.read(limit)
-    except OSError:
-        return "", 0
-    return data.decode("utf-8", errors="replace"), size
+def seccomp_program() -> bytes | None:
+    """A classic-BPF seccomp program (the bytes bwrap --seccomp reads), or None off x86-64.
 
+    Other architectures (and the x32 ABI) are killed; listed syscalls fail with EPERM; clone3 fails
+    with ENOSYS so glibc falls back to clone, whose flags (unlike clone3's) can be checked: any
+    new-namespace flag is refused; ioctl TIOCSTI / TIOCLINUX (typing into a terminal) is refused."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
+    ALLOW, KILL = 0x7FFF0000, 0x80000000
+    EPERM, ENOSYS = 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
+    prog: list[list] = []  # [code, jt, jf, k]; jt/jf may be labels resolved below
+
+    def op(code, k=0, jt=0, jf=0):
+        prog.append([code, jt, jf, k])
+
+    op(LD, 4)                                   # seccomp_data.arch
+    op(JEQ, _AUDIT_ARCH_X86_64, 0, "kill")
+    op(LD, 0)                                   # seccomp_data.nr
+    op(JGE, 0x40000000, "kill", 0)              # x32 ABI
+    for nr in sorted(set(_X86_64_DENY.values())):
+        op(JEQ, nr, "eperm", 0)
+    op(JEQ, _X86_64_CLONE3, "enosys", 0)
+    op(JEQ, _X86_64_CLONE, "clone", 0)
+    op(JEQ, _X86_64_IOCTL, "ioctl", 0)
+    op(RET, ALLOW)
+    labels = {"clone": len(prog)}
+    op(LD, 16)                                  # args[0], low 32 bits: clone flags
+    op(JSET, _CLONE_NS_FLAGS, "eperm", 0)
+    op(RET, ALLOW)
+    labels["ioctl"] = len(prog)
+    op(LD, 24)                                  # args[1], low 32 bits: the request
+    op(JEQ, _TIOCSTI, "eperm", 0)
+    op(JEQ, _TIOCLINUX, "eperm", 0)
+    op(RET, ALLOW)
+    labels["eperm"] = len(prog)
+    op(RET, EPERM)
+    labels["enosys"] = len(prog)
+    op(RET, ENOSYS)
+    labels["kill"] = len(prog)
+    op(RET, KILL)
+    out = b""
+    for i, (code, jt, jf, k) in enumerate(prog):
+        jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
+        jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
+        assert 0 <= jt < 256 and 0 <= jf < 256
+        out += struct.pack("=HBBI", code, jt, jf, k)
+    return out
+
+
+# ---- helpers ----------------------------------------------------------------------------------
 
 def _clip(text: str, limit: int) -> str:
     if len(text) <= limit:
@@ -122,15 +204,63 @@ def _clip(text: str, limit: int) -> str:
     return f"{text[:head]}\n... [{len(text) - limit} characters cut] ...\n{text[-tail:]}"
 
 
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _under(path: str, roots) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
+_RUNNER_DIR = "/.axpo"  # job.json, child.py and the matplotlib font cache, read-only in the sandbox
+_FRAME = struct.Struct(">cI")  # result frames from the runner: tag (b"S" status, b"F" figure), length
+_FIGURE_CAP = 4 << 20          # bytes per figure PNG
+_STAGE_SCRIPT = r"""set -e
+stage=$1; uid=$2; gid=$3; n=$4; shift 4
+mount -t tmpfs -o mode=0755,size=64k axpo-stage "$stage"
+i=0
+while [ "$i" -lt "$n" ]; do
+  if [ -d "$1" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
+  mount --rbind "$1" "$stage/$i"
+  shift; i=$((i + 1))
+done
+exec setpriv --reuid="$uid" --regid="$gid" --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"
+"""
+
+
+@dataclass
+class _Layout:
+    """What the sandbox is made of for one interpreter; computed once per tool."""
+    python: str
+    binds: list[str]            # host folders bound read-only at the same path
+    work: str                   # the working folder inside the sandbox
+    bwrap: str
+    run_as: tuple[int, int] | None  # (uid, gid) bwrap runs as (trainer is root), or None
+    stage_dir: str | None       # mount point for the launcher's private binds (trainer is root)
+
+
 class PythonSandboxTool:
     name = "python"
+    # The registry's per-call wall-clock limit is not needed: every call here is bounded by its own
+    # deadline (wall_timeout_s, then a kill and at most a few seconds of draining; the first
+    # plotting call also builds matplotlib's font cache, bounded at 120 s).
+    timeout_s = None
 
     def __init__(self, cfg: SandboxConfig | None = None):
         self.cfg = cfg or SandboxConfig()
         self._mpl_cache: Path | None = None
         self._mpl_lock = threading.Lock()
-        self._interp: tuple[str, list[str]] | None = None
-        self._interp_lock = threading.Lock()
+        self._layout: _Layout | None = None
+        self._unavailable: str | None = None
+        self._ready_lock = threading.Lock()
+        self._child_src = _CHILD.read_bytes()
+        self._seccomp = seccomp_program() if self.cfg.seccomp else None
+        self._tmp: Path | None = None
 
     def schema(self) -> dict:
         return function_schema(
@@ -142,167 +272,257 @@ class PythonSandboxTool:
             ["code"],
         )
 
-    # -- helpers ---------------------------------------------------------------------------
+    # -- set-up ------------------------------------------------------------------------------
 
-    def _target_ids(self) -> tuple[int | None, int | None]:
-        if os.geteuid() != 0 or not self.cfg.drop_to_user:
-            return None, None
-        pw = pwd.getpwnam(self.cfg.drop_to_user)
-        return pw.pw_uid, pw.pw_gid
+    def check(self) -> None:
+        """Raise SandboxUnavailable (naming bubblewrap and how to install it) unless a sandboxed
+        call works here. Probes once per tool (one sandboxed `print`)."""
+        self._ensure_ready()
+        if self._unavailable:
+            raise SandboxUnavailable(self._unavailable)
+
+    def _tmpdir(self) -> Path:
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="axpo-sandbox-", dir=self.cfg.tmp_root or None))
+            # Traversable by the sandbox user; it holds only the stage mount point and the
+            # matplotlib font cache, nothing private.
+            os.chmod(self._tmp, 0o755)
+            weakref.finalize(self, shutil.rmtree, str(self._tmp), True)
+        return self._tmp
+
+    def _ensure_ready(self) -> None:
+        with self._ready_lock:
+            if self._layout is not None or self._unavailable is not None:
+                return
+            try:
+                layout = self._make_layout()
+            except SandboxUnavailable as e:
+                self._unavailable = str(e)
+                return
+            self._layout = layout
+            probe = self._execute("print('ok')", (), probe=True)
+            if probe.error or probe.text.strip() != "ok":
+                self._layout = None
+                self._unavailable = (f"{INSTALL_HINT}. A test sandbox failed here: "
+                                     f"{probe.text.strip()[:400]}")
+
+    def _make_layout(self) -> _Layout:
+        cfg = self.cfg
+        bwrap = cfg.bwrap or shutil.which("bwrap") or ("/usr/bin/bwrap" if os.path.exists("/usr/bin/bwrap") else "")
+        if not bwrap or not os.access(bwrap, os.X_OK):
+            raise SandboxUnavailable(f"{INSTALL_HINT}. `bwrap` was not found.")
+        python = cfg.python_executable or sys.executable
+        if cfg.python_executable:
+            query = ("import sys, site, json; print(json.dumps([sys.prefix, sys.base_prefix, "
+                     "sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages()]))")
+            try:
+                out = subprocess.run([python, "-I", "-c", query], capture_output=True, text=True,
+                                     timeout=30, env={"PATH": os.defpath})
+                paths = json.loads(out.stdout)
+            except (OSError, subprocess.SubprocessError, ValueError) as e:
+                raise SandboxUnavailable(f"cannot inspect {python}: {e}") from e
+        else:
+            paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                     *site.getsitepackages()]
+        paths += [os.path.dirname(python), os.path.dirname(os.path.realpath(python))]
+        binds: list[str] = []
+        for p in sorted({os.path.abspath(q) for p in paths for q in (p, os.path.realpath(p))}, key=len):
+            if os.path.isdir(p) and not _under(p, _SYSTEM_DIRS) and not _under(p, binds) and p != "/":
+                binds.append(p)
+        work = "/sandbox"
+        if any(_under(b, [work]) or _under(work, [b]) for b in binds):
+            work = f"/sandbox-{os.urandom(4).hex()}"
+        run_as = stage = None
+        if os.geteuid() == 0 and not cfg.drop_to_user:
+            raise SandboxUnavailable(
+                "the trainer runs as root and drop_to_user is empty: a sandbox whose processes are "
+                "uid 0 on the host can write root-owned /proc/sys files even without capabilities; "
+                "set drop_to_user to an unprivileged user (default nobody)")
+        if os.geteuid() == 0:
+            try:
+                pw = pwd.getpwnam(cfg.drop_to_user)
+            except KeyError as e:
+                raise SandboxUnavailable(f"drop_to_user {cfg.drop_to_user!r} does not exist") from e
+            run_as = (pw.pw_uid, pw.pw_gid)
+            missing = [t for t in ("unshare", "setpriv", "mount") if not shutil.which(t, path=os.defpath)]
+            if missing:
+                raise SandboxUnavailable(f"running as root, the sandbox launcher needs {', '.join(missing)} "
+                                         "(util-linux and mount packages)")
+            stage = str(self._tmpdir() / "stage")
+            os.makedirs(stage, exist_ok=True)
+        return _Layout(python=python, binds=binds, work=work, bwrap=bwrap, run_as=run_as, stage_dir=stage)
 
     def _matplotlib_cache(self) -> Path | None:
-        """Build matplotlib's font list once per tool and copy it into each call's config dir:
-        without it every plotting call rebuilds the font cache (about a second)."""
+        """Build matplotlib's font list once per tool; each plotting call gets a copy (without it
+        every plotting call rebuilds the font cache, about a second)."""
         with self._mpl_lock:
             if self._mpl_cache is None:
-                cache = Path(tempfile.mkdtemp(prefix="axpo-mplcache-"))
-                weakref.finalize(self, shutil.rmtree, cache, True)  # removed with the tool (or at exit)
+                cache = self._tmpdir() / "mplcache"
+                cache.mkdir(exist_ok=True)
                 env = {"PATH": os.defpath, "MPLCONFIGDIR": str(cache), "MPLBACKEND": "Agg", "HOME": str(cache)}
                 try:
-                    python, extra = self._interpreter()
-                    setup = f"import sys; sys.path[:0] = {extra!r}; import matplotlib.font_manager"
-                    subprocess.run([python, "-I", "-B", "-c", setup],
+                    subprocess.run([self._layout.python, "-I", "-B", "-c", "import matplotlib.font_manager"],
                                    env=env, capture_output=True, timeout=120)
                 except (OSError, subprocess.SubprocessError):
                     pass
+                # Readable by the sandbox user (nobody when the trainer is root).
+                os.chmod(cache, 0o755)
+                for f in cache.iterdir():
+                    if f.is_file():
+                        os.chmod(f, 0o644)
                 self._mpl_cache = cache
             return self._mpl_cache
 
-    def _python(self) -> str:
-        return self.cfg.python_executable or sys.executable
-
-    # -- run -------------------------------------------------------------------------------
+    # -- run ---------------------------------------------------------------------------------
 
     def __call__(self, arguments: dict, ctx: ToolContext) -> ToolResult:
         return self.run(arguments["code"])
 
     def run(self, code: str) -> ToolResult:
-        python, extra_path = self._interpreter()
-        return self._execute(code, python, extra_path, self.cfg.preload)
+        self._ensure_ready()
+        if self._unavailable:
+            return ToolResult(text=f"Error: the python sandbox is unavailable: {self._unavailable}.",
+                              error="sandbox_unavailable")
+        return self._execute(code, preload_for(code, self.cfg.preload))
 
-    def _execute(self, code: str, python: str, extra_path: list[str], preload) -> ToolResult:
-        workdir = Path(tempfile.mkdtemp(prefix="axpo-py-", dir=self.cfg.tmp_root or None)).resolve()
-        try:
-            return self._run_in(workdir, code, python, extra_path, preload)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    def _interpreter(self) -> tuple[str, list[str]]:
-        """Pick an interpreter whose standard library the unprivileged user can read.
-
-        A pyenv Python under /root (mode 0700) cannot import anything new once the child has
-        dropped to nobody. Then a system Python of the same major.minor version is used with
-        this environment's site-packages on its path (same ABI, so numpy etc. load). Probed once
-        with a real sandboxed import; if nothing works, only preloaded modules are importable."""
-        with self._interp_lock:
-            if self._interp is None:
-                own = (self._python(), [])
-                self._interp = own
-                if self._target_ids()[0] is not None and not self.cfg.python_executable:
-                    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-                    extra = [p for p in site.getsitepackages() if os.path.isdir(p)]
-                    candidates = [own]
-                    for exe in (shutil.which(f"python{version}", path=os.defpath),
-                                f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
-                        if exe and os.path.exists(exe):
-                            candidates.append((os.path.realpath(exe), extra))
-                    probe = "import fractions, decimal, statistics, numpy\nprint('ok')"
-                    for python, path in candidates:
-                        if self._execute(probe, python, path, ()).text.strip() == "ok":
-                            self._interp = (python, path)
-                            break
-                    else:
-                        warnings.warn("python sandbox: the unprivileged user cannot read this "
-                                      "interpreter's standard library; only preloaded modules "
-                                      "can be imported by tool code", stacklevel=2)
-            return self._interp
-
-    def _run_in(self, workdir: Path, code: str, python: str, extra_path: list[str], preload) -> ToolResult:
+    def _command(self, lay: _Layout, fds: dict[str, int], want_mpl: bool) -> list[str]:
         cfg = self.cfg
-        uid, gid = self._target_ids()
-        want_mpl = "matplotlib" in code or "pyplot" in code or "plt." in code
-        mpl_dir = workdir / ".mpl"
-        mpl_dir.mkdir()
-        (workdir / "figures").mkdir()
-        if want_mpl and (cache := self._matplotlib_cache()):
-            for f in cache.glob("fontlist*.json"):
-                shutil.copy(f, mpl_dir / f.name)
-        job = {
-            "code": code, "uid": uid, "gid": gid, "preload": preload_for(code, preload), "extra_sys_path": extra_path,
-            "want_matplotlib": want_mpl, "memory_bytes": cfg.memory_mb * 2**20,
-            "cpu_seconds": max(1, int(cfg.cpu_time_s)), "max_processes": cfg.max_processes,
-            "max_file_bytes": cfg.max_file_mb * 2**20, "max_open_files": cfg.max_open_files,
-            "max_figures": cfg.max_figures, "figure_dpi": cfg.figure_dpi,
-            "echo_last_expression": cfg.echo_last_expression,
-        }
-        (workdir / "job.json").write_text(json.dumps(job))
-        if uid is not None:
-            for p in [workdir, workdir / "figures", mpl_dir, *mpl_dir.iterdir()]:
-                os.chown(p, uid, gid)
-        os.chmod(workdir, 0o700)
+        sources: list[str] = []   # host paths the root launcher binds into its stage first
 
-        env = {"PATH": os.defpath, "HOME": str(workdir), "LANG": "C.UTF-8", "MPLBACKEND": "Agg",
-               "MPLCONFIGDIR": str(mpl_dir), "TMPDIR": str(workdir),
+        def src(path: str) -> str:
+            if lay.stage_dir is None:
+                return path
+            sources.append(path)
+            return f"{lay.stage_dir}/{len(sources) - 1}"
+
+        a = [lay.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+             "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]
+        for d in _SYSTEM_DIRS:
+            if os.path.islink(d):
+                a += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                a += ["--ro-bind", d, d]
+        for f in _ETC_FILES:
+            a += ["--ro-bind-try", f, f]
+        for b in lay.binds:
+            a += ["--ro-bind", src(b), b]
+        if want_mpl and (cache := self._matplotlib_cache()):
+            a += ["--ro-bind", src(str(cache)), f"{_RUNNER_DIR}/mpl"]
+        a += ["--proc", "/proc", "--dev", "/dev",
+              "--size", str(cfg.work_mb << 20), "--tmpfs", lay.work, "--symlink", lay.work, "/tmp",
+              "--ro-bind-data", str(fds["job"]), f"{_RUNNER_DIR}/job.json",
+              "--ro-bind-data", str(fds["child"]), f"{_RUNNER_DIR}/child.py",
+              "--json-status-fd", str(fds["status"]), "--chdir", lay.work, "--clearenv"]
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": lay.work, "LANG": "C.UTF-8",
+               "MPLBACKEND": "Agg", "MPLCONFIGDIR": f"{lay.work}/.mpl", "TMPDIR": lay.work,
                # One BLAS/OpenMP thread: threads count against RLIMIT_NPROC.
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                **cfg.extra_env}
-        cmd = [python, "-I", "-B", "-X", "utf8", str(_CHILD), str(workdir)]
-        if cfg.network_namespace and os.geteuid() == 0 and _unshare_available():
-            cmd = [shutil.which("unshare"), "--net", "--", *cmd]  # unshare execs: same pid, same group
+        for k, v in env.items():
+            a += ["--setenv", k, v]
+        if "seccomp" in fds:
+            a += ["--seccomp", str(fds["seccomp"])]
+        a += ["--remount-ro", "/", "--remount-ro", "/dev",
+              "--", lay.python, "-I", "-B", "-X", "utf8", f"{_RUNNER_DIR}/child.py"]
+        if lay.stage_dir is None:
+            return a
+        uid, gid = lay.run_as
+        return [shutil.which("unshare", path=os.defpath), "--mount", "--propagation", "private", "--",
+                "/bin/sh", "-c", _STAGE_SCRIPT, "axpo-sandbox", lay.stage_dir, str(uid), str(gid),
+                str(len(sources)), *sources, *a]
 
-        out_path, err_path = workdir / "stdout.txt", workdir / "stderr.txt"
-        timed_out = False
-        with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
+    def _execute(self, code: str, preload, probe: bool = False) -> ToolResult:
+        cfg, lay = self.cfg, self._layout
+        want_mpl = not probe and ("matplotlib" in code or "pyplot" in code or "plt." in code)
+        res_r, res_w = os.pipe()
+        st_r, st_w = os.pipe()
+        job = {
+            "code": code, "workdir": lay.work, "result_fd": res_w, "preload": list(preload),
+            "want_matplotlib": want_mpl, "memory_bytes": cfg.memory_mb << 20,
+            "cpu_seconds": max(1, int(cfg.cpu_time_s)), "max_processes": cfg.max_processes,
+            "max_file_bytes": cfg.max_file_mb << 20, "max_open_files": cfg.max_open_files,
+            "max_figures": cfg.max_figures, "figure_dpi": cfg.figure_dpi,
+            "echo_last_expression": cfg.echo_last_expression, "mpl_cache": f"{_RUNNER_DIR}/mpl",
+        }
+        fds = {"job": _memfd("axpo-job", json.dumps(job).encode()),
+               "child": _memfd("axpo-child", self._child_src), "status": st_w, "result": res_w}
+        if self._seccomp is not None:
+            fds["seccomp"] = _memfd("axpo-seccomp", self._seccomp)
+        parent_ends = [res_r, st_r]
+        try:
+            cmd = self._command(lay, fds, want_mpl)
             try:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out_f, stderr=err_f,
-                                        env=env, cwd=workdir, start_new_session=True, close_fds=True)
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, pass_fds=list(fds.values()),
+                                        env={"PATH": os.defpath}, cwd="/", start_new_session=True,
+                                        close_fds=True)
             except OSError as e:
                 return ToolResult(text=f"Error: the sandbox could not start ({e}).", error="sandbox_error")
-            try:
-                proc.wait(timeout=cfg.wall_timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                # Kill the whole group, also after a normal exit, in case something was left behind.
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        try:
+            run = _Watch(proc, st_r, res_r, cfg, lay.work).wait()
+        finally:
+            for fd in parent_ends:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
+                    os.close(fd)
+                except OSError:
                     pass
-                proc.wait()
-        return self._collect(workdir, proc.returncode, timed_out)
+        return self._collect(run)
 
-    def _collect(self, workdir: Path, returncode: int, timed_out: bool) -> ToolResult:
+    # -- results -----------------------------------------------------------------------------
+
+    def _collect(self, run: "_Watch") -> ToolResult:
         cfg = self.cfg
         limit = cfg.max_output_chars
-        stdout, _ = _read_head(workdir / "stdout.txt", 8 * limit)
-        stderr, _ = _read_head(workdir / "stderr.txt", 8 * limit)
-        violations, _ = _read_head(workdir / "violations.log", 4000)
-        status_text, _ = _read_head(workdir / "status.json", 4000)
-        try:
-            status = json.loads(status_text) if status_text else {}
-        except json.JSONDecodeError:
-            status = {}
-        kind = status.get("kind")
-        images = self._figures(workdir / "figures")
+        stdout = run.out["stdout"].decode("utf-8", errors="replace")
+        stderr = run.out["stderr"].decode("utf-8", errors="replace")
+        status, pngs = {}, []
+        for tag, payload in run.frames():
+            if tag == b"S":
+                try:
+                    obj = json.loads(payload.decode("utf-8", errors="replace"))
+                    if isinstance(obj, dict):
+                        status = obj
+                except ValueError:
+                    pass
+            elif tag == b"F" and len(pngs) < cfg.max_figures:
+                pngs.append(payload)
+        kind = status.get("kind") if isinstance(status.get("kind"), str) else None
+        message = str(status.get("message", ""))[:2000]
+        rc = run.exit_code
+        images = self._figures(pngs)
 
         error, note = None, ""
-        if timed_out:
+        bw = stderr.strip().splitlines()
+        if run.setup_failed or (not status and rc == 1 and bw and bw[-1].startswith("bwrap: ")):
+            error, note = "sandbox_error", f"the sandbox could not start ({bw[-1][:300] if bw else f'status {rc}'})"
+            stderr = ""
+        elif run.timed_out:
             error, note = "timeout", f"the code ran longer than {cfg.wall_timeout_s:g} s and was stopped"
-        elif returncode in (-signal.SIGXCPU, -signal.SIGKILL) and kind is None:
+        elif run.too_many_files:
+            error, note = "output_limit", f"the code created more than {cfg.max_files} files and was stopped"
+        elif run.output_overflow:
+            error, note = "output_limit", f"the code wrote more than {cfg.max_file_mb} MB of output and was stopped"
+        elif run.result_overflow:
+            error, note = "output_limit", "the code sent more figure data than allowed and was stopped"
+        elif kind is None and rc in (128 + signal.SIGXCPU, 128 + signal.SIGKILL):
             error, note = "timeout", f"the code used more than {cfg.cpu_time_s} s of CPU time and was stopped"
-        elif returncode == -signal.SIGXFSZ or "[Errno 27]" in status.get("message", ""):
-            # Python ignores SIGXFSZ, so hitting RLIMIT_FSIZE usually surfaces as EFBIG (errno 27).
-            error, note = "output_limit", f"the code wrote more than {cfg.max_file_mb} MB and was stopped"
-        elif violations.strip():
-            first = violations.strip().splitlines()[0]
-            error, note = "sandbox_violation", f"blocked by the sandbox ({first}); no processes, network, " \
-                                               "or file writes outside the working directory"
+        elif rc == 128 + signal.SIGXFSZ or "[Errno 27]" in message:
+            # Python ignores SIGXFSZ, so hitting RLIMIT_FSIZE surfaces as EFBIG (errno 27).
+            error, note = "output_limit", f"the code wrote a file larger than {cfg.max_file_mb} MB"
+        elif "[Errno 28]" in message:
+            error, note = "output_limit", f"the working directory is full ({cfg.work_mb} MB)"
         elif kind == "memory" or (kind is None and "MemoryError" in stderr):
             error, note = "memory", f"the code ran out of memory (limit {cfg.memory_mb} MB)"
         elif kind == "syntax_error":
             error, note = "syntax_error", "the code has a syntax error"
-        elif kind == "runtime_error" or returncode != 0:
-            error, note = "runtime_error", status.get("message") or f"the code exited with status {returncode}"
+        elif kind == "runtime_error" and _blocked(message):
+            error, note = "sandbox_violation", (f"blocked by the sandbox ({message[:160]}); no network, "
+                                                "no new processes or threads, no files outside the working directory")
+        elif kind == "runtime_error" or rc != 0 or kind is None:
+            error, note = "runtime_error", message or f"the code exited with status {rc}"
 
         parts = []
         if error:
@@ -318,16 +538,197 @@ class PythonSandboxTool:
             parts.append("(no output)")
         return ToolResult(text=_clip("\n".join(parts), limit), images=images, error=error)
 
-    def _figures(self, fig_dir: Path) -> list[Image.Image]:
+    def _figures(self, pngs: list[bytes]) -> list[Image.Image]:
         images = []
         budget = ZoomConfig(max_pixels=self.cfg.figure_max_pixels)
-        for path in sorted(fig_dir.glob("fig_*.png"))[: self.cfg.max_figures]:
+        for data in pngs:
             try:
-                with Image.open(path) as im:
-                    if im.width * im.height > 4096 * 4096:  # not from savefig at our dpi: ignore
+                with Image.open(io.BytesIO(data)) as im:
+                    if im.format != "PNG" or im.width * im.height > 4096 * 4096:  # not from savefig: ignore
                         continue
                     im = im.convert("RGB")
                 images.append(fit_to_grid(im, budget, upscale=False))
-            except (OSError, ValueError, Image.DecompressionBombError):
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 continue
         return images
+
+
+_BLOCKED_MARKERS = ("PermissionError", "BlockingIOError", "can't start new thread", "gaierror",
+                    "[Errno 1]", "[Errno 11]", "[Errno 13]", "[Errno 30]", "[Errno 97]", "[Errno 99]",
+                    "[Errno 101]", "[Errno 111]", "[Errno 113]")
+
+
+def _blocked(message: str) -> bool:
+    """The code's exception comes from the sandbox refusing something (a permission, a process or
+    thread, the network, a read-only file system), not from a bug in the code."""
+    return any(m in message for m in _BLOCKED_MARKERS)
+
+
+class _Watch:
+    """Waits for one sandbox under a hard deadline, reading its pipes with caps, polling the file
+    count of its working folder, and killing it on any limit."""
+
+    def __init__(self, proc: subprocess.Popen, status_fd: int, result_fd: int, cfg: SandboxConfig, work: str):
+        self.proc, self.cfg, self.work = proc, cfg, work
+        self.out = {"stdout": b"", "stderr": b""}
+        self.keep = 8 * cfg.max_output_chars          # bytes kept per stream (head)
+        self.output_total = 0
+        self.result = bytearray()
+        self.result_cap = cfg.max_figures * (_FIGURE_CAP + 64) + (64 << 10)
+        self.status_text = b""
+        self.child_pid: int | None = None
+        self._pidfd: int | None = None
+        self._done = False
+        self.exit_code: int | None = None
+        self.timed_out = self.output_overflow = self.too_many_files = self.result_overflow = False
+        self.setup_failed = False
+        self._fds = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr",
+                     status_fd: "status", result_fd: "result"}
+
+    def wait(self) -> "_Watch":
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.wall_timeout_s
+        sel = selectors.DefaultSelector()
+        for fd in self._fds:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        next_poll = 0.0
+        killed = False
+        try:
+            while sel.get_map():
+                now = time.monotonic()
+                if now >= deadline:
+                    if not killed:
+                        self.timed_out = True
+                        self._kill()
+                        killed = True
+                        deadline = now + 2.0  # let the pipes drain after the kill
+                        continue
+                    break  # the pipes stayed open after the kill: give up on them
+                for key, _ in sel.select(timeout=min(0.05, max(0.0, deadline - now))):
+                    if not self._read(key.fd):
+                        sel.unregister(key.fd)
+                if not killed and (self.output_overflow or self.result_overflow):
+                    self._kill()
+                    killed = True
+                    deadline = time.monotonic() + 2.0
+                if not killed and self.child_pid and time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + 0.05
+                    if self._files_used() > cfg.max_files:
+                        self.too_many_files = True
+                        self._kill()
+                        killed = True
+                        deadline = time.monotonic() + 2.0
+        finally:
+            sel.close()
+            self._kill()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # cannot happen after SIGKILL, but never hang here
+                pass
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
+            self._done = True
+        self._parse_status()
+        rc = self.proc.returncode
+        if self.exit_code is None:
+            self.exit_code = rc if rc is not None and rc >= 0 else 128 + (-(rc or 0))
+        if self.child_pid is None and not killed:
+            self.setup_failed = True  # bwrap never started the command
+        return self
+
+    def _read(self, fd: int) -> bool:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        name = self._fds[fd]
+        if name in ("stdout", "stderr"):
+            self.output_total += len(data)
+            have = self.out[name]
+            if len(have) < self.keep:
+                self.out[name] = have + data[: self.keep - len(have)]
+            if self.output_total > self.cfg.max_file_mb << 20:
+                self.output_overflow = True
+        elif name == "result":
+            if len(self.result) + len(data) > self.result_cap:
+                self.result_overflow = True
+            else:
+                self.result += data
+        else:
+            if len(self.status_text) < 1 << 16:
+                self.status_text += data
+                self._parse_status()
+        return True
+
+    def _parse_status(self) -> None:
+        # bwrap writes JSON objects, one per line: {"child-pid": N, ...} first, {"exit-code": N}
+        # last. Only the first child-pid counts, and only if that process is bwrap's own child.
+        for line in self.status_text.splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if self.child_pid is None and isinstance(obj.get("child-pid"), int):
+                self.child_pid = obj["child-pid"]
+                if not self._done:
+                    self._open_pidfd()
+            if isinstance(obj.get("exit-code"), int):
+                self.exit_code = obj["exit-code"]
+
+    def _open_pidfd(self) -> None:
+        """A pidfd for the sandbox's init, so that killing it later cannot hit a recycled pid;
+        kept only if the process really is bwrap's child."""
+        try:
+            fd = os.pidfd_open(self.child_pid)
+        except OSError:
+            return
+        try:
+            with open(f"/proc/{self.child_pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            ppid = -1
+        if ppid == self.proc.pid:
+            self._pidfd = fd
+        else:
+            os.close(fd)
+
+    def _files_used(self) -> int:
+        try:
+            st = os.statvfs(f"/proc/{self.child_pid}/root{self.work}")
+        except OSError:
+            return 0
+        return st.f_files - st.f_ffree
+
+    def _kill(self) -> None:
+        # bwrap's child is the sandbox's init: with it gone, the kernel kills the whole pid
+        # namespace. bwrap is killed too (its --die-with-parent would do the same). bwrap is our
+        # child and not yet waited for, so its pid (and process group) cannot have been reused.
+        if self._pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def frames(self):
+        data, i = bytes(self.result), 0
+        while i + _FRAME.size <= len(data):
+            tag, n = _FRAME.unpack_from(data, i)
+            i += _FRAME.size
+            if n > _FIGURE_CAP + 64 or i + n > len(data):
+                return
+            yield tag, data[i:i + n]
+            i += n
