@@ -138,6 +138,9 @@ def build_sources(cfg: Config, fmt=None, *, tools: list | None = None, reward=No
     registry = ToolRegistry([make_tool(n, cfg=tool_set_config(cfg.tools), documents=documents)
                              for n in names if n not in own] + objects)
     known = registry.names
+    if "python" in registry.tools and hasattr(registry.tools["python"], "check"):
+        # Fail at start-up, not with "sandbox unavailable" inside every demonstration and rollout.
+        registry.tools["python"].check()
     if train is None:
         train = _loaded(d.train_file, "rl", d.on_bad_row, skipped, default_names, known)
     if evals is None:

@@ -16,7 +16,7 @@ from axpo.config import parse_args  # noqa: E402
 
 # Errors about the user's input or the run's state: one line naming what is wrong, no traceback
 # (under torchrun every rank would print the same one).
-USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "FloatingPointError")
+USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "FloatingPointError", "SandboxUnavailable")
 
 
 def _is_user_error(e: BaseException) -> bool:
