@@ -52,3 +52,26 @@ def test_loop_chunks_equal_chat_template(tiny_processor):
     assert n_loss == len(turn1) + 1 + len(turn2)
     # Stop tokens are single ids that the loop watches for.
     assert turn1[-1] == fmt.tool_call_end and turn2[-1] == fmt.im_end
+
+
+def test_plain_text_path_tokenises_ordinary_text_like_the_template(tiny_processor):
+    """Tool text and questions are tokenised as untrusted plain text (tests/test_hostile_text.py);
+    for ordinary text that must give exactly the ids of the rendered template string, or the loop
+    would drift from what SFT teaches."""
+    from axpo.agent.format import IMAGE_PLACEHOLDER
+
+    fmt = AgentFormat(tiny_processor)
+    imgs = [_img(128, 96, 1), _img(64, 64, 2)]
+    for text in ["Zoomed on cell.", "", "\n\nleading newlines", "  spaces  ", "a\nb\n", "x = 3 < 4 > 2 | 1"]:
+        for k in range(3):
+            for closes in (True, False):
+                s = ("<|im_end|>\n" if closes else "") + "<|im_start|>user\n<tool_response>\n" + \
+                    IMAGE_PLACEHOLDER * k + text + "\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n"
+                want, got = fmt.encode(s, imgs[:k]), fmt.tool_response(text, imgs[:k], closes_turn=closes)
+                assert got.ids == want.ids and got.pad_spans == want.pad_spans and got.grids == want.grids
+                assert all(torch.equal(a, b) for a, b in zip(got.pixel_values, want.pixel_values))
+            for tools in (None, TOOLS):
+                messages = [{"role": "user", "content": [{"type": "image"}] * k + [{"type": "text", "text": text}]}]
+                s = fmt.processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+                want, got = fmt.encode(s, imgs[:k]), fmt.prompt(text, imgs[:k], tools)
+                assert got.ids == want.ids and got.pad_spans == want.pad_spans

@@ -69,3 +69,12 @@ def test_malformed_search_calls():
         call, r = reg.execute(text, ToolContext())
         assert r.error == kind and mentions in r.text, (text, r)
     assert reg.error_counts["bad_arguments"] == len(cases)
+
+
+def test_huge_max_results_is_an_error_naming_it():
+    """A 5000-digit integer made json's int conversion raise ValueError out of execute()."""
+    reg = ToolRegistry([SearchTool(BM25Index(DOCS))])
+    for literal in ("9" * 5000, str(2**64), "1e999"):
+        call, r = reg.execute('{"name": "search", "arguments": {"query": "capital", "max_results": %s}}' % literal,
+                              ToolContext())
+        assert call.name == "search" and r.error == "bad_arguments" and "'max_results'" in r.text

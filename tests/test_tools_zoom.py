@@ -86,3 +86,15 @@ def test_non_rgb_images_and_config_budget():
     img = Image.new("L", (500, 500), 128)
     r = tool({"bbox_2d": [0, 0, 1000, 1000], "img_idx": 0}, ToolContext(images=[img]))
     assert r.images[0].mode == "RGB" and r.images[0].size == (64, 64)
+
+
+def test_huge_coordinates_are_errors_not_crashes():
+    """An integer beyond float range (`1` and 400 zeros) passed the range check's comparison and
+    then crashed the error message (OverflowError in float formatting)."""
+    huge = 10**400
+    r = ImageZoomTool()({"bbox_2d": [huge, 0, 5, 5], "img_idx": 0}, ToolContext(images=[_image()]))
+    assert r.error == "out_of_range" and "too large" in r.text
+    reg = build_tools(["image_zoom_in"])
+    call, r = reg.execute('{"name": "image_zoom_in", "arguments": {"bbox_2d": [0, 0, 5, 1%s]}}' % ("0" * 400),
+                          ToolContext(images=[_image()]))
+    assert r.error == "bad_arguments" and "'bbox_2d[3]' is too large" in r.text

@@ -4,10 +4,17 @@ The agent loop never re-renders history with the chat template: it tokenises onl
 (the prompt once, then each tool response) and appends them to the ids the policy produced. Every
 piece starts and ends at a special token, so the concatenation tokenises exactly like the chat
 template's rendering of the same conversation (tests/test_agent_format.py checks this).
+
+Untrusted text (what a tool returns, which may quote the model's own call; the question of a data
+row) is tokenised as plain text (`text_ids`): a special- or added-token spelling in it such as
+`<|image_pad|>` or `<|im_end|>` becomes ordinary tokens, never the special token, and invalid
+Unicode (lone surrogates) becomes U+FFFD. So the only special tokens of a chunk are the template's,
+and image pads come only from the images passed in. Decoding never raises on any id sequence.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +22,18 @@ import torch
 from axpo.models import special_token_ids
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+_SENTINEL = "\ue000axpo-untrusted-text\ue001"  # private-use characters: never in a template
+
+
+def clean_text(text: str) -> str:
+    """`text` as valid Unicode: lone surrogates become U+FFFD (a valid surrogate pair becomes its
+    character). Strings from JSON escapes ("\\ud800") or bytes decoded with surrogateescape can
+    hold them; the tokenizer raises on them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 @dataclass
@@ -46,12 +65,22 @@ class AgentFormat:
         # Vision placeholders come only from images the loop inserts, never from sampling.
         self.banned_ids = tuple(ids[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                  "<|vision_end|>", "<|vision_pad|>") if t in ids)
+        # Every string the tokenizer would turn into an added (special or not) token, and their ids.
+        added = dict(self.tokenizer.get_added_vocab())
+        added.update(ids)
+        added.update(zip(self.tokenizer.all_special_tokens, self.tokenizer.all_special_ids))
+        self.added_ids = frozenset(i for i in added.values() if i is not None)
+        alternatives = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True) if t) or "(?!)"
+        self._added_at = re.compile(f"(?=(?:{alternatives}))", re.DOTALL)   # every start, overlaps too
+        self._added_tok = re.compile(alternatives, re.DOTALL)
+        self._replacement_ids = self._plain_ids("\ufffd")
 
     # -- chunks -------------------------------------------------------------------------------
 
     def encode(self, text: str, images: list | None = None) -> Chunk:
-        """Tokenise text whose images appear as IMAGE_PLACEHOLDER; the processor expands each image's
-        pad run to the grid size and returns its pixels."""
+        """Tokenise trusted text (the template's own) whose images appear as IMAGE_PLACEHOLDER; the
+        processor expands each image's pad run to the grid size and returns its pixels. Special-token
+        spellings in `text` ARE special tokens: untrusted text goes through `text_ids`."""
         images = list(images or [])
         if text.count(IMAGE_PLACEHOLDER) != len(images):
             raise ValueError(f"{text.count(IMAGE_PLACEHOLDER)} image placeholders for {len(images)} images")
@@ -79,24 +108,91 @@ class AgentFormat:
             raise ValueError("adjacent images: pad runs cannot be told apart")
         return Chunk(ids, pixel_values, grids, spans)
 
+    def encode_untrusted(self, before: str, untrusted: str, after: str, images: list | None = None) -> Chunk:
+        """Trusted `before` (holding every image placeholder) + untrusted text + trusted `after`.
+        The untrusted text is widened to the neighbouring added tokens of the trusted text (the
+        tokenizer splits there too), so that for text without special-token spellings the ids are
+        exactly those of `encode(before + untrusted + after)`."""
+        cut_lo = max((m.end() for m in self._added_tok.finditer(before)), default=0)
+        m = self._added_tok.search(after)
+        cut_hi = m.start() if m else len(after)
+        head = self.encode(before[:cut_lo], images)
+        middle = self.text_ids(before[cut_lo:] + clean_text(untrusted) + after[:cut_hi])
+        tail = self.encode(after[cut_hi:]) if after[cut_hi:] else Chunk([], [], [], [])
+        ids = head.ids + middle + tail.ids
+        if tail.grids or self.image_pad in middle:  # cannot happen: text_ids emits no added token
+            raise AssertionError("image pads outside the trusted head")
+        return Chunk(ids, head.pixel_values, head.grids, head.pad_spans)
+
     def prompt(self, question: str, images: list, tools: list[dict] | None, system: str | None = None) -> Chunk:
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        """The rendered chat template up to the assistant's generation prompt. The question is
+        untrusted text: its images come from `images` only."""
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": _SENTINEL}]
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": content}]
         text = self.processor.apply_chat_template(
             messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
-        return self.encode(text, images)
+        if text.count(_SENTINEL) != 1:
+            raise ValueError("prompt: the system prompt or tool schemas contain the question sentinel")
+        before, after = text.split(_SENTINEL)
+        return self.encode_untrusted(before, question, after, images)
 
     def tool_response(self, text: str, images: list, *, closes_turn: bool = True) -> Chunk:
         """What follows a sampled `</tool_call>`: end the assistant turn, the tool's answer as a user
-        turn, and the next assistant turn opened inside <think>."""
-        body = "".join(IMAGE_PLACEHOLDER for _ in images) + text
-        s = ("<|im_end|>\n" if closes_turn else "") + "<|im_start|>user\n<tool_response>\n" + body + \
-            "\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n"
-        return self.encode(s, images)
+        turn, and the next assistant turn opened inside <think>. `text` is untrusted (a tool's
+        output can quote anything the model wrote): see `text_ids`."""
+        head = ("<|im_end|>\n" if closes_turn else "") + "<|im_start|>user\n<tool_response>\n" + \
+            "".join(IMAGE_PLACEHOLDER for _ in images)
+        tail = "\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n"
+        return self.encode_untrusted(head, text, tail, images)
+
+    # -- untrusted text -------------------------------------------------------------------------
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of untrusted text as plain text: no id is an added or special token (so no image
+        pad, no turn marker, no tool-call tag). Invalid Unicode becomes U+FFFD.
+
+        The tokenizer matches added-token spellings anywhere in its input, and for added tokens that
+        are not `special` (Qwen's <tool_call>, <think>, ...) `split_special_tokens` does not stop it.
+        So the text is cut one character into every spelling of an added token and the pieces are
+        tokenised separately: each piece decodes to its own characters, the concatenation to the text.
+        Ordinary text (no such spelling) is one piece, tokenised exactly as the tokenizer would."""
+        text = clean_text(text)
+        if not text:
+            return []
+        cuts = sorted({m.start() + 1 for m in self._added_at.finditer(text)})
+        ids: list[int] = []
+        for a, b in zip([0] + cuts, cuts + [len(text)]):
+            ids += self._plain_ids(text[a:b])
+        return ids
+
+    def _plain_ids(self, piece: str) -> list[int]:
+        ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        if self.added_ids.isdisjoint(ids):
+            return ids
+        # A normaliser can still assemble an added token from a piece: go character by character,
+        # and a character that alone maps onto an added token becomes U+FFFD.
+        out: list[int] = []
+        for ch in piece:
+            c = self.tokenizer(ch, add_special_tokens=False)["input_ids"]
+            out += c if self.added_ids.isdisjoint(c) else self._replacement_ids
+        return out
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        """Text of any id sequence (the model's own turn): never raises. An id the tokenizer cannot
+        decode (out of its vocabulary, negative) reads as U+FFFD."""
+        ids = list(ids)
+        try:
+            return clean_text(self.tokenizer.decode(ids, skip_special_tokens=False))
+        except Exception:  # noqa: BLE001 - one bad id must not lose the whole turn
+            pass
+        parts = []
+        for i in ids:
+            try:
+                parts.append(self.tokenizer.decode([i], skip_special_tokens=False))
+            except Exception:  # noqa: BLE001
+                parts.append("\ufffd")
+        return clean_text("".join(parts))
 
     def call_text(self, turn_ids: list[int]) -> tuple[int | None, str]:
         """Locate the last <tool_call> of a turn that ended with </tool_call>; return its index in

@@ -128,4 +128,10 @@ class ImageZoomTool:
 
 
 def _fmt(bbox: list[float]) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in bbox) + "]"
+    """The box for a message; never raises (an integer beyond float range reads "too large")."""
+    def one(v) -> str:
+        try:
+            return f"{v:g}"
+        except (OverflowError, TypeError, ValueError):
+            return "too large" if isinstance(v, int) else "?"
+    return "[" + ", ".join(one(v) for v in bbox) + "]"
