@@ -182,6 +182,17 @@ def write_summary(run_dir: str | Path, *, evals: dict, wall_time: float, config_
         acc = [(r["step"], r["copy_accuracy"]) for r in pre if "copy_accuracy" in r]
         lines += ["## Copy pre-training", "", f"{pre[-1]['step']} steps, final loss {pre[-1]['loss']:.3f}; "
                   "held-out content-based copy accuracy " + ", ".join(f"{a:.3f} (step {s})" for s, a in acc), ""]
+    sft = [r for r in rows if r["stage"] == "sft"]
+    if sft:
+        def mean_of(rs, k):
+            v = [r[k] for r in rs if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+            return sum(v) / len(v) if v else float("nan")
+
+        n = min(10, len(sft))
+        skipped = sum(1 for r in sft if r.get("skipped"))
+        lines += ["## SFT", "", f"{sft[-1]['step']} steps; loss {mean_of(sft[:n], 'loss'):.3f} -> "
+                  f"{mean_of(sft[-n:], 'loss'):.3f} (mean of the first vs last {n} steps); "
+                  f"{mean_of(sft, 'tokens_per_s'):.0f} tokens/s; {skipped} skipped steps", ""]
     if evals:
         # One row per metric (overall first, then per task), one column per checkpoint.
         keys = sorted({k for e in evals.values() for k in e}, key=lambda k: ("/" in k, k))

@@ -57,7 +57,8 @@ def test_run_folder(smoke_run):
     assert (out / "rl_tool_use_rate.png").exists() and (out / "rl_reward.png").exists()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_rl_000002"
     summary = (out / "summary.md").read_text()
-    assert "Evaluation" in summary and "Copy pre-training" in summary
+    assert "Evaluation" in summary and "Copy pre-training" in summary and "## SFT" in summary
+    assert "3 steps; loss" in summary
     assert (out / "pretrain_loss.png").exists() and (out / "sft_loss.png").exists()
 
 
