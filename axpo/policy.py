@@ -41,11 +41,17 @@ class PackedBatch:
         """The batch on `device`. FSDP2 moves a forward's tensor arguments to the device, but it
         does not walk into a dataclass, so the policy moves its batch itself."""
         device = torch.device(device)
-        if self.input_ids.device == device:
+        if _on(self.input_ids, device):
             return self
         mv = (lambda t: None if t is None else t.to(device))
         return PackedBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.mm_token_type_ids),
                            mv(self.pixel_values), mv(self.image_grid_thw), self.rows)
+
+
+def _on(t: torch.Tensor, device: torch.device | str) -> bool:
+    """`t` is on `device` ("cuda" matches any CUDA index, as torch's own placement does)."""
+    d = torch.device(device)
+    return t.device.type == d.type and (d.index is None or t.device.index == d.index)
 
 
 def pack(seqs: list[dict], pad_id: int, image_token_id: int, rows: list[int],
@@ -66,7 +72,7 @@ def pack(seqs: list[dict], pad_id: int, image_token_id: int, rows: list[int],
     pixels = None
     if pv:
         pixels = torch.cat(pv, 0)
-        if device is not None:
+        if device is not None and not _on(pixels, device):
             pixels = pixels.to(device)
     return PackedBatch(torch.tensor(ids, **long), torch.tensor(att, **long), torch.tensor(mm, **long), pixels,
                        torch.tensor(grids, **long) if grids else None, rows)
