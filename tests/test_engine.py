@@ -28,6 +28,18 @@ def backend(request, monkeypatch):
     return request.param
 
 
+# Decode workspace layouts (kv_cache.DecodeBatch): dense per-row buffers with no cascade at these
+# short prefixes (the default), dense with every shared prefix cascaded, and paged (keys read from
+# the pool in chunks of a few keys each step).
+LAYOUTS = {"dense": {}, "cascade": {"cascade_min_tokens": 1},
+           "paged": {"workspace_mode": "paged", "workspace_bytes": 20_000}}
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request):
+    return LAYOUTS[request.param]
+
+
 def make_engine(model, **kw):
     kw.setdefault("block_size", 4)         # small blocks: every test crosses many block boundaries
     kw.setdefault("max_kv_tokens", 4096)
@@ -74,8 +86,8 @@ def encode(processor, text, images):
 
 # -- decoding equals a full forward ----------------------------------------------------------------
 
-def test_greedy_equals_argmax_of_full_forward(tiny_model, backend):
-    eng = make_engine(tiny_model)
+def test_greedy_equals_argmax_of_full_forward(tiny_model, backend, layout):
+    eng = make_engine(tiny_model, **layout)
     prompts = [rand_ids(n, seed=n) for n in (5, 17, 30)]
     seqs = [eng.add(p) for p in prompts]
     outs = eng.generate(seqs, SamplingParams(temperature=0, max_tokens=10))
@@ -86,8 +98,8 @@ def test_greedy_equals_argmax_of_full_forward(tiny_model, backend):
         check_logprobs(tiny_model, eng, seq, len(p), out)     # greedy: log-probs at T = 1
 
 
-def test_sampled_logprobs_equal_log_softmax_of_full_forward(tiny_model, backend):
-    eng = make_engine(tiny_model)
+def test_sampled_logprobs_equal_log_softmax_of_full_forward(tiny_model, backend, layout):
+    eng = make_engine(tiny_model, **layout)
     p1, p2 = rand_ids(22, seed=1), rand_ids(9, seed=2)
     a, b = eng.add(p1), eng.add(p2)
     kids = eng.fork(a, 3)                                   # a cascade group + a singleton row
@@ -128,12 +140,12 @@ def test_seeded_sampling_is_independent_of_batch(tiny_model):
 
 # -- tool images -----------------------------------------------------------------------------------
 
-def test_tool_image_continuation_equals_full_forward(tiny_model, tiny_processor, backend):
+def test_tool_image_continuation_equals_full_forward(tiny_model, tiny_processor, backend, layout):
     proc = tiny_processor
     model = tiny_model
     ids1, pv1, g1 = encode(proc, "<|im_start|>user\nlook <|vision_start|><|image_pad|><|vision_end|> what is "
                            "the colour?<|im_end|>\n<|im_start|>assistant\n", [image(64, 96, 0)])
-    eng = make_engine(model)
+    eng = make_engine(model, **layout)
     seq = eng.add(ids1, pixel_values=pv1, image_grid_thw=g1)
     torch.testing.assert_close(eng.next_token_logits(seq), full_logits(model, ids1, pv1, g1)[-1], atol=ATOL, rtol=0)
     out = eng.generate([seq], SamplingParams(temperature=1.0, max_tokens=5, seed=0))[0]
@@ -206,8 +218,8 @@ def test_fork_at_logits_equal_fresh_prefill(tiny_model, backend):
     assert s["forks"] - before["forks"] == 12
 
 
-def test_fork_at_children_share_first_logits_then_diverge(tiny_model):
-    eng = make_engine(tiny_model)
+def test_fork_at_children_share_first_logits_then_diverge(tiny_model, layout):
+    eng = make_engine(tiny_model, **layout)
     seq = eng.add(rand_ids(30, seed=8))
     kids = eng.fork_at(seq, 21, 8)
     outs = eng.generate(kids, [SamplingParams(temperature=1.5, max_tokens=5, seed=i) for i in range(8)])
@@ -249,9 +261,9 @@ def test_branch_memory_within_prefix_plus_continuations(tiny_model):
     assert s["cow_copies"] == k - 1                          # the last holder writes in place
 
 
-def test_unwritten_cache_slots_are_never_read(tiny_model):
+def test_unwritten_cache_slots_are_never_read(tiny_model, layout):
     """The KV cache is allocated uninitialised: poison it, then run every path."""
-    eng = make_engine(tiny_model)
+    eng = make_engine(tiny_model, **layout)
     for t in eng.cache.k + eng.cache.v:
         t.fill_(float("nan"))
     a, b = eng.add(rand_ids(13, seed=20)), eng.add(rand_ids(6, seed=21))
@@ -267,7 +279,7 @@ def test_unwritten_cache_slots_are_never_read(tiny_model):
 # -- other models, weights, misuse ------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_text_causal_lm(arch):
+def test_text_causal_lm(arch, layout):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     cfg_cls, model_cls = (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
@@ -276,7 +288,7 @@ def test_text_causal_lm(arch):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = model_cls(cfg).eval()
-    eng = make_engine(model)
+    eng = make_engine(model, **layout)
     p = rand_ids(13, seed=12, vocab=300)
     seq = eng.add(p)
     kids = eng.fork_at(seq, 13, 2)
@@ -391,3 +403,121 @@ def test_banned_tokens_are_never_sampled_and_logprobs_stay_full(tiny_model):
     assert abs(outs[0].logprobs[0] - ref) < 1e-4
     greedy = eng.generate(eng.fork(seq, 1), SamplingParams(temperature=0, max_tokens=1, banned_token_ids=(top,)))
     assert greedy[0].token_ids[0] != top
+
+
+# -- decode workspace: layouts, bound, dropping finished rows -----------------------------------------
+
+def test_layouts_take_their_paths(tiny_model, layout):
+    eng = make_engine(tiny_model, **layout)
+    a = eng.add(rand_ids(21, seed=40))
+    kids = eng.fork(a, 3)
+    eng.generate(kids + [eng.add(rand_ids(5, seed=41))], SamplingParams(max_tokens=5, seed=0))
+    s = eng.stats
+    assert s["paged_decode_calls"] == (1 if layout.get("workspace_mode") == "paged" else 0)
+    if "workspace_bytes" in layout:
+        assert s["workspace_bytes"] <= s["workspace_limit_bytes"] == layout["workspace_bytes"]
+
+
+def test_workspace_is_paged_when_dense_exceeds_the_bound(tiny_model):
+    """The dense layout needs rows x (rest + max_tokens) x bytes per token; over the plan's
+    workspace bound the call decodes paged and holds no more than the bound."""
+    eng = make_engine(tiny_model, workspace_bytes=64 * 1024)
+    per_tok = eng.kv_plan.bytes_per_token                                  # 2 KiB for the tiny model
+    prompts = [rand_ids(10, seed=50 + i) for i in range(2)]
+    seqs = [eng.add(p) for p in prompts]
+    first = eng.generate(seqs, SamplingParams(max_tokens=2, seed=0))      # 2 x (10 + 2) tokens: dense
+    assert eng.stats["paged_decode_calls"] == 0 and eng.stats["workspace_bytes"] == 2 * 12 * per_tok
+    outs = eng.generate(seqs, SamplingParams(max_tokens=12, seed=1))      # 2 x (11 + 12) > 32 tokens
+    assert eng.stats["paged_decode_calls"] == 1 and eng.stats["workspace_bytes"] <= 64 * 1024
+    for s, p, a, b in zip(seqs, prompts, first, outs):
+        check_logprobs(tiny_model, eng, s, len(p), a)
+        check_logprobs(tiny_model, eng, s, len(p) + 2, b)
+
+
+def test_finishing_rows_moves_only_the_rows_that_fill_their_places(tiny_model, monkeypatch):
+    """Rows that finish early are dropped without reallocating or copying the workspace: the last
+    live rows move into their positions (two rows here), the buffers stay where they are."""
+    seen = []
+
+    class Spy(engine_mod.DecodeBatch):
+        def keep(self, rows):
+            ptrs = [t.data_ptr() for t in self.rest_k + self.rest_v]
+            order = super().keep(rows)
+            assert [t.data_ptr() for t in self.rest_k + self.rest_v] == ptrs
+            seen.append(self)
+            return order
+
+    monkeypatch.setattr(engine_mod, "DecodeBatch", Spy)
+    eng = make_engine(tiny_model)
+    prompts = [rand_ids(9 + i, seed=60 + i) for i in range(6)]
+    seqs = [eng.add(p) for p in prompts]
+    params = [SamplingParams(max_tokens=2 if i in (0, 2) else 9, seed=i) for i in range(6)]
+    outs = eng.generate(seqs, params)
+    batch = seen[0]
+    assert batch.mode == "dense"
+    row_bytes = sum(t[0].numel() * t.element_size() for t in batch.rest_k + batch.rest_v)
+    assert batch.bytes_moved == 2 * row_bytes                     # rows 4, 5 into positions 0, 2
+    assert eng.stats["workspace_bytes_moved"] == 2 * row_bytes < eng.stats["workspace_bytes"] / 2
+    for s, p, o, sp in zip(seqs, prompts, outs, params):
+        assert len(o.token_ids) == sp.max_tokens
+        check_logprobs(tiny_model, eng, s, len(p), o)
+
+
+# -- counter-based sampling ---------------------------------------------------------------------------
+
+def _splitmix_uniform(seed: int, k: int) -> float:
+    """Reference: splitmix64 in Python integers, the top 24 bits as a fraction."""
+    m = (1 << 64) - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return z ^ (z >> 31)
+
+    key = mix((seed + 0x9E3779B97F4A7C15) & m)
+    z = mix((key + (k + 1) * 0x9E3779B97F4A7C15) & m)
+    return (z >> 40) / 2**24
+
+
+def test_counter_uniform_is_splitmix64_and_uniform():
+    from axpo.rollout.sampling import counter_uniform, mix_seed
+
+    seeds = [0, 1, 2, 123, 2**62 + 7, (1 << 63) - 1]
+    keys = torch.tensor([mix_seed(s) for s in seeds for _ in range(5)])
+    ks = torch.tensor([k for _ in seeds for k in range(5)])
+    got = counter_uniform(keys, ks).tolist()
+    want = [_splitmix_uniform(s, k) for s in seeds for k in range(5)]
+    assert got == pytest.approx(want, abs=0)
+    u = counter_uniform(torch.full((20000,), mix_seed(7)), torch.arange(20000))
+    assert abs(u.mean().item() - 0.5) < 0.01 and 0 <= u.min().item() and u.max().item() < 1
+    hist = torch.histc(u, bins=10, min=0, max=1) / 20000
+    torch.testing.assert_close(hist, torch.full((10,), 0.1), atol=0.01, rtol=0)
+
+
+def test_sampler_rows_do_not_depend_on_their_batch():
+    """A seeded row draws the same tokens in any batch, at any position, whatever rows finish
+    around it; unseeded and greedy rows can share the batch."""
+    from axpo.rollout.sampling import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 40, generator=g) * 3          # [steps, rows, V]
+    params = [SamplingParams(seed=11, banned_token_ids=(3,)), SamplingParams(seed=12, top_p=0.9),
+              SamplingParams(temperature=0), SamplingParams(), SamplingParams(seed=13, temperature=0.7),
+              SamplingParams(seed=14, top_k=5, banned_token_ids=(1, 2))]
+    alone = {}
+    for r in (0, 1, 4, 5):
+        s = Sampler([params[r]], "cpu")
+        alone[r] = [s.sample(logits[t, r:r + 1])[0][0] for t in range(4)]
+    full = Sampler(params, "cpu")
+    got = {r: [] for r in range(6)}
+    live = [5, 3, 0, 2, 4, 1]                                  # any order
+    for t in range(4):
+        toks, _, _ = full.sample(logits[t, live], torch.tensor(live))
+        for r, tok in zip(live, toks):
+            got[r].append(tok)
+        live = live[:-1] if t == 1 else live                  # a row finishes
+    for r in (0, 4, 5):
+        assert got[r] == alone[r]
+    assert got[1] == alone[1][:2]
+    assert 3 not in got[0] and not {1, 2} & set(got[5])
+    assert got[2] == logits[:, 2].argmax(-1).tolist()

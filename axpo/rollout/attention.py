@@ -47,6 +47,50 @@ def attend_rest(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.T
     return torch.matmul(p.to(v.dtype), v).float(), m, l
 
 
+def _flash_cpu():
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def float_mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (0 where valid, -inf elsewhere) from a boolean one."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, float("-inf"))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+                     ) -> torch.Tensor:
+    """Normalised attention of each row's queries over its own keys: q [B, Hkv, G, D] (the G query
+    heads of a KV head play the role of query positions), k/v [B, Hkv, T, D], mask [B, 1, 1, T]
+    additive (0 / -inf) or None. One fused SDPA call."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `decode_attention`, also returning the log-sum-exp of the scores [B, Hkv, G] (fp32), so
+    partial results over disjoint key sets can be merged (`merge_lse`). On CPU this is the fused
+    flash kernel SDPA itself uses; elsewhere plain matmuls."""
+    fn = _flash_cpu() if q.device.type == "cpu" else None
+    if fn is not None:
+        o, lse = fn(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return o, lse
+    s = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    if mask is not None:
+        s = s + mask.float()
+    m = s.amax(-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    l = p.sum(-1, keepdim=True)
+    o = torch.matmul(p.to(v.dtype), v).float() / l
+    return o.to(q.dtype), (m + l.log())[..., 0]
+
+
+def merge_lse(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Combine two normalised partial attentions over disjoint key sets, from their log-sum-exps
+    ([..., G] for outputs [..., G, D]); fp32 result."""
+    m = torch.maximum(lse1, lse2)
+    a1, a2 = (lse1 - m).exp_()[..., None], (lse2 - m).exp_()[..., None]
+    return (o1.float() * a1 + o2.float() * a2) / (a1 + a2)
+
+
 def merge(o1, m1, l1, o2, m2, l2) -> torch.Tensor:
     """Combine two unnormalised partial attentions over disjoint key sets (log-sum-exp merge)."""
     m = torch.maximum(m1, m2)

@@ -20,11 +20,19 @@ KV cannot leak into a rollout of the new policy.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
 from axpo.rollout.block_manager import PoolExhaustedError, make_block_manager
-from axpo.rollout.kv_cache import DecodeBatch, PagedKVCache, plan_groups
+from axpo.rollout.kv_cache import (
+    CASCADE_MIN_TOKENS,
+    DEFAULT_WORKSPACE_FRACTION,
+    DecodeBatch,
+    PagedKVCache,
+    plan_groups,
+    plan_kv_cache,
+)
 from axpo.rollout.positions import (
     add_chunk_spans,
     positions,
@@ -33,9 +41,11 @@ from axpo.rollout.positions import (
     text_position_delta,
 )
 from axpo.rollout.runner import ModelRunner
-from axpo.rollout.sampling import Completion, SamplingParams, sample
+from axpo.rollout.sampling import Completion, Sampler, SamplingParams
 
 __all__ = ["Engine", "SamplingParams", "Completion"]
+
+log = logging.getLogger(__name__)
 
 
 class _Seq:
@@ -50,7 +60,20 @@ class _Seq:
 
 
 class Engine:
-    def __init__(self, model, *, block_size: int = 16, max_kv_tokens: int = 65536, device=None, dtype=None):
+    """Memory: the KV pool and the decode workspace are sized from a byte budget
+    (kv_cache.plan_kv_cache): `kv_cache_bytes` if given, else `kv_memory_fraction` of the device's
+    free memory (default 0.3 on an accelerator), else on CPU a 2 GiB default; `workspace_bytes`
+    (default `workspace_fraction` of the budget) bounds one generate call's decode workspace, the
+    rest is the pool, whose tokens `max_kv_tokens` caps (None: no cap). The plan is `self.kv_plan`
+    and is logged. Decode: `cascade_min_tokens` is the shared-prefix length from which a group's
+    rows attend to one copy of it; `workspace_mode` forces the "dense" or "paged" workspace layout
+    (tests; default: dense when it fits the bound)."""
+
+    def __init__(self, model, *, block_size: int = 16, max_kv_tokens: int | None = 65536,
+                 kv_cache_bytes: int | None = None, kv_memory_fraction: float | None = None,
+                 workspace_fraction: float = DEFAULT_WORKSPACE_FRACTION, workspace_bytes: int | None = None,
+                 cascade_min_tokens: int = CASCADE_MIN_TOKENS, workspace_mode: str | None = None,
+                 device=None, dtype=None):
         if device is not None:
             model = model.to(device)
         if dtype is not None:
@@ -59,16 +82,25 @@ class Engine:
         self.runner = ModelRunner(self.model)
         w = self.runner.param
         self.device, self.dtype = w.device, w.dtype
-        num_blocks = -(-max_kv_tokens // block_size)
+        self.kv_plan = plan_kv_cache(num_layers=len(self.runner.layers), num_kv_heads=self.runner.num_kv_heads,
+                                     head_dim=self.runner.head_dim, dtype=self.dtype, block_size=block_size,
+                                     max_kv_tokens=max_kv_tokens, budget_bytes=kv_cache_bytes,
+                                     memory_fraction=kv_memory_fraction, device=self.device,
+                                     workspace_fraction=workspace_fraction, workspace_bytes=workspace_bytes)
+        plan = self.kv_plan
+        (log.info if plan.capped or max_kv_tokens is None else log.warning)("rollout engine: %s", plan.describe())
         self.block_size = block_size
-        self.bm = make_block_manager(num_blocks, block_size)
-        self.cache = PagedKVCache(len(self.runner.layers), num_blocks, block_size, self.runner.num_kv_heads,
-                                  self.runner.head_dim, self.dtype, self.device)
+        self.cascade_min_tokens = cascade_min_tokens
+        self.workspace_mode = workspace_mode    # None: dense when it fits the plan's bound; "dense"/"paged": forced
+        self.bm = make_block_manager(plan.num_blocks, block_size)
+        self.cache = PagedKVCache.from_plan(plan, len(self.runner.layers), self.runner.num_kv_heads,
+                                            self.runner.head_dim, self.dtype, self.device)
         self._seqs: dict[int, _Seq] = {}
         self._next_id = 0                       # one past the largest id handed out
         self._version = 0
         self._count = dict(prefill_tokens=0, decode_tokens=0, sampled_tokens=0, decode_steps=0,
-                           logit_forwards=0, forks=0, generate_calls=0)
+                           logit_forwards=0, forks=0, generate_calls=0, workspace_bytes_moved=0,
+                           paged_decode_calls=0)
         self._workspace_bytes = 0
 
     # -- sequences ---------------------------------------------------------------------------
@@ -121,33 +153,39 @@ class Engine:
         by_id = dict(zip(seq_ids, range(len(seq_ids))))
         idx = [by_id[s] for s in rows]
         rparams = [params[i] for i in idx]
-        gens = [None if p.seed is None else torch.Generator(device=self.device).manual_seed(p.seed) for p in rparams]
+        sampler = Sampler(rparams, self.device)
+        stops = [set(p.stop_token_ids) for p in rparams]
+        limits = [p.max_tokens for p in rparams]
+        seqs = [self._seqs[s] for s in rows]
         outs = [Completion([], [], [], "length") for _ in rows]
-        active = list(range(len(rows)))
+        active = list(range(len(rows)))         # batch position -> row
         if all_pending:
             logits = self._decode_step(batch, rows)
         else:
             logits = torch.stack([self._seqs[s].logits for s in rows])
-        while True:
-            toks, lps, ents = sample(logits, [rparams[r] for r in active], [gens[r] for r in active])
-            keep = []
-            for j, r in enumerate(active):
-                s, out, p = self._seqs[rows[r]], outs[r], rparams[r]
-                s.tokens.append(toks[j])
-                s.logits = None
-                out.token_ids.append(toks[j])
-                out.logprobs.append(lps[j])
-                out.entropies.append(ents[j])
-                if toks[j] in p.stop_token_ids:
-                    out.finish_reason = "stop"
-                elif len(out.token_ids) < p.max_tokens:
-                    keep.append(j)
-            self._count["sampled_tokens"] += len(active)
-            if not keep:
-                break
-            active = [active[j] for j in keep]
-            batch.keep(keep)
-            logits = self._decode_step(batch, [rows[r] for r in active])
+        try:
+            while True:
+                toks, lps, ents = sampler.sample(logits, torch.tensor(active, device=self.device))
+                keep = []
+                for j, r in enumerate(active):
+                    s, out, tok = seqs[r], outs[r], toks[j]
+                    s.tokens.append(tok)
+                    s.logits = None
+                    out.token_ids.append(tok)
+                    out.logprobs.append(lps[j])
+                    out.entropies.append(ents[j])
+                    if tok in stops[r]:
+                        out.finish_reason = "stop"
+                    elif len(out.token_ids) < limits[r]:
+                        keep.append(j)
+                self._count["sampled_tokens"] += len(active)
+                if not keep:
+                    break
+                order = batch.keep(keep)
+                active = [active[j] for j in order]
+                logits = self._decode_step(batch, [rows[r] for r in active])
+        finally:
+            self._count["workspace_bytes_moved"] += batch.bytes_moved
         result = [None] * len(rows)
         for r, i in enumerate(idx):
             result[i] = outs[r]
@@ -250,6 +288,7 @@ class Engine:
         return dict(self._count, cow_copies=b["cow_copies"], blocks_used=b["blocks_used"],
                     blocks_total=b["blocks_total"], blocks_free=b["blocks_free"], sequences=b["sequences"],
                     pinned=b["pinned"], block_size=self.block_size, kv_cache_bytes=self.cache.nbytes,
+                    kv_cache_tokens=self.kv_plan.num_tokens, workspace_limit_bytes=self.kv_plan.workspace_bytes,
                     workspace_bytes=self._workspace_bytes, weights_version=self._version,
                     block_manager=type(self.bm).__module__.split(".")[-1])
 
@@ -350,8 +389,11 @@ class Engine:
         rows = [seq_ids[i] for i in order]
         slot_lists = [torch.tensor(self.bm.slots(s, 0, lengths[i]), dtype=torch.long, device=self.device)
                       for s, i in zip(rows, order)]
-        batch = DecodeBatch(self.cache, slot_lists, groups, capacity, self.runner.scale, self.runner.num_heads)
+        batch = DecodeBatch(self.cache, slot_lists, groups, capacity, self.runner.scale, self.runner.num_heads,
+                            max_bytes=self.kv_plan.workspace_bytes, cascade_min_tokens=self.cascade_min_tokens,
+                            mode=self.workspace_mode)
         self._workspace_bytes = batch.nbytes
+        self._count["paged_decode_calls"] += batch.mode == "paged"
         return batch, rows
 
     def _decode_step(self, batch: DecodeBatch, rows: list[int]) -> torch.Tensor:

@@ -1,24 +1,171 @@
-"""Paged KV tensors, and the decode workspace that reads them through block tables.
+"""Paged KV tensors sized from a memory plan, and the decode workspace that reads them.
 
 `PagedKVCache` holds per layer one K and one V tensor of `num_blocks * block_size` slots
 ([slots, kv_heads, head_dim]); slot = block * block_size + offset, with block ids from the block
 manager. Writes and reads go through index tensors built from the block tables, once per chunk or
 step per layer (never per block).
 
-`DecodeBatch` is the workspace of one `Engine.generate` call. Its rows are grouped by shared
-prefix (rows whose block tables start with the same blocks, as after `fork`/`fork_at`); each
-group's shared prefix KV is gathered once into a contiguous tensor and attended with one batched
-matmul for all its rows (cascade attention, see attention.py). The rest of every row (its private
-prefix, then the tokens decoded in this call) lives in a padded per-row buffer that each step
-appends to, so decode never re-gathers the cache. Shared blocks are immutable while shared (a
-writer copies them first), so the copies stay valid for the whole call.
+Memory plan (`plan_kv_cache`, a pure function: usable with a model on the meta device). The engine
+gets a byte budget: an explicit one, or a fraction of the device's free memory (like vLLM's
+gpu_memory_utilization, but of the memory free when the engine is built), or on CPU a default.
+A slice of it (`workspace_fraction`) bounds the decode workspaces; the rest is the KV pool, whose
+token count follows from the bytes per token of the model (layers x 2 x KV heads x head_dim x
+dtype size); `max_kv_tokens` only caps it. CUDA commits memory when a tensor is allocated, so
+the pool must never be sized from a token count alone: 2,000,000 tokens of Qwen3-VL-8B are 295 GB.
+
+`DecodeBatch` is the workspace of one `Engine.generate` call, bounded by the plan's workspace
+bytes. Two layouts, chosen per call:
+- dense (when it fits the bound): every row's KV that is not in a cascaded shared prefix (its
+  private prefix, then the tokens decoded in this call) lives in a padded per-row buffer
+  [rows, heads, rest + max_tokens, head_dim] that each step appends to, so decode never re-gathers
+  the cache, and all rows attend with one fused call. Rows of a group that share a long prefix
+  (`cascade_min_tokens` or more, as after `fork`/`fork_at` of a long context) attend to one
+  contiguous copy of it with one batched matmul for the group (cascade attention, attention.py)
+  instead of each holding its own copy; below the threshold the per-group work costs more than the
+  rows' own copies of a short prefix.
+- paged (when it does not): nothing is copied; each step every row's keys are read from the pool
+  through its slot table in chunks sized to the bound (flash-style running softmax). Slower on
+  CPU, but the workspace no longer grows with context length x rows.
+Finished rows are dropped by moving the last live rows into their places (only the moved rows
+are copied, `bytes_moved` counts them); the caller follows the returned order. Shared blocks are
+immutable while shared (a writer copies them first), so shared copies stay valid for the call.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 
-from axpo.rollout.attention import attend_rest, attend_shared, merge
+from axpo.rollout.attention import decode_attention, float_mask, merge_lse, partial_attention
+
+DEFAULT_CPU_BUDGET_BYTES = 2 << 30    # CPU, no budget given: 2 GiB (pages commit lazily there)
+DEFAULT_MEMORY_FRACTION = 0.3         # accelerators, no budget given: of the free device memory
+DEFAULT_WORKSPACE_FRACTION = 0.1      # of the budget, for the decode workspaces
+CASCADE_MIN_TOKENS = 256              # shared prefix length from which cascade attention pays
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """KV bytes of one token over all layers: layers x (K, V) x KV heads x head_dim x dtype size."""
+    return num_layers * 2 * num_kv_heads * head_dim * dtype_size(dtype)
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    bytes_per_token: int
+    block_size: int
+    num_blocks: int
+    budget_bytes: int        # pool + decode workspace
+    workspace_bytes: int     # bound on one generate call's decode workspace
+    source: str              # where the budget came from
+    max_kv_tokens: int | None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.num_tokens * self.bytes_per_token
+
+    @property
+    def capped(self) -> bool:
+        """True when max_kv_tokens, not the budget, set the pool size."""
+        return self.max_kv_tokens is not None and self.num_blocks == -(-self.max_kv_tokens // self.block_size)
+
+    def describe(self) -> str:
+        gib = 2 ** 30
+        return (f"KV pool {self.num_tokens} tokens ({self.num_blocks} blocks of {self.block_size}, "
+                f"{self.bytes_per_token} B/token, {self.pool_bytes / gib:.2f} GiB) + decode workspace <= "
+                f"{self.workspace_bytes / gib:.2f} GiB, from a budget of {self.budget_bytes / gib:.2f} GiB "
+                f"({self.source})" + (f"; capped by max_kv_tokens={self.max_kv_tokens}" if self.capped else
+                                      (f"; max_kv_tokens={self.max_kv_tokens} does not fit" if self.max_kv_tokens
+                                       else "")))
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def free_device_bytes(device) -> int | None:
+    """Free memory of a device: CUDA's mem_get_info, MemAvailable on CPU, None when unknown (meta)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type == "cpu":
+        return _mem_available()
+    return None
+
+
+def plan_kv_cache(*, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int = 16,
+                  max_kv_tokens: int | None = None, budget_bytes: int | None = None,
+                  memory_fraction: float | None = None, free_bytes: int | None = None, device=None,
+                  workspace_fraction: float = DEFAULT_WORKSPACE_FRACTION, workspace_bytes: int | None = None
+                  ) -> KVPlan:
+    """The KV pool and decode-workspace sizes for a byte budget. Pure unless the device's free
+    memory has to be queried (`memory_fraction` without `free_bytes`).
+
+    Budget: `budget_bytes` if given; else `memory_fraction` x free memory (`free_bytes`, or the
+    device's); else on an accelerator DEFAULT_MEMORY_FRACTION of its free memory, and on CPU/meta
+    DEFAULT_CPU_BUDGET_BYTES. `workspace_bytes` (default: `workspace_fraction` of the budget) bounds
+    the decode workspace; the rest holds whole blocks of KV, at most `max_kv_tokens` tokens
+    (rounded up to a block)."""
+    if block_size <= 0:
+        raise ValueError(f"plan_kv_cache: block_size must be positive, got {block_size}")
+    if not 0 <= workspace_fraction < 1:
+        raise ValueError(f"plan_kv_cache: workspace_fraction must be in [0, 1), got {workspace_fraction}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if budget_bytes is not None:
+        budget, source = int(budget_bytes), "explicit byte budget"
+    else:
+        frac = memory_fraction
+        if frac is None and dev.type not in ("cpu", "meta"):
+            frac = DEFAULT_MEMORY_FRACTION
+        if frac is not None:
+            if not 0 < frac <= 1:
+                raise ValueError(f"plan_kv_cache: memory_fraction must be in (0, 1], got {frac}")
+            free = free_bytes if free_bytes is not None else free_device_bytes(dev)
+            if free is None:
+                raise ValueError(f"plan_kv_cache: free memory of {dev} unknown; pass free_bytes or budget_bytes")
+            budget, source = int(frac * free), f"{frac:g} of {free / 2**30:.2f} GiB free on {dev.type}"
+        else:
+            budget, source = DEFAULT_CPU_BUDGET_BYTES, f"default {dev.type} budget"
+    bpt = kv_bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
+    workspace = int(budget * workspace_fraction) if workspace_bytes is None else int(workspace_bytes)
+    if not 0 <= workspace < budget:
+        raise ValueError(f"plan_kv_cache: workspace_bytes {workspace} must be in [0, budget {budget})")
+    blocks = (budget - workspace) // (bpt * block_size)
+    if max_kv_tokens is not None:
+        if max_kv_tokens <= 0:
+            raise ValueError(f"plan_kv_cache: max_kv_tokens must be positive, got {max_kv_tokens}")
+        blocks = min(blocks, -(-max_kv_tokens // block_size))
+    if blocks < 1:
+        raise ValueError(f"plan_kv_cache: a budget of {budget} bytes ({source}) holds no block of {block_size} "
+                         f"tokens at {bpt} bytes per token")
+    return KVPlan(bpt, block_size, int(blocks), budget, workspace, source, max_kv_tokens)
+
+
+def kv_geometry(model_or_config) -> dict:
+    """num_layers / num_kv_heads / head_dim of a Hugging Face decoder (model or config; for a
+    vision-language model its text config), for `plan_kv_cache`. Works on the meta device."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return dict(num_layers=cfg.num_hidden_layers, num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                head_dim=head_dim)
 
 
 class PagedKVCache:
@@ -26,9 +173,14 @@ class PagedKVCache:
                  dtype: torch.dtype, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        # Uninitialised: only written slots are ever read (so pages are committed as they are used).
+        # Uninitialised: only written slots are ever read (on CPU, pages commit as they are used;
+        # on CUDA the whole pool is committed here, which is why it is sized by the plan).
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @classmethod
+    def from_plan(cls, plan: KVPlan, num_layers: int, num_kv_heads: int, head_dim: int, dtype, device):
+        return cls(num_layers, plan.num_blocks, plan.block_size, num_kv_heads, head_dim, dtype, device)
 
     @property
     def nbytes(self) -> int:
@@ -78,115 +230,234 @@ def plan_groups(tables: list[list[int]], lengths: list[int], block_size: int
     return order, groups
 
 
+def _nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
 class DecodeBatch:
     """Decode workspace over rows already ordered by `plan_groups` (see the module docstring).
-    `capacity` is the number of tokens each row may still add in this call."""
+    `capacity`: tokens each row may still add in this call; `max_bytes`: the workspace bound
+    (None: unbounded, dense); `mode`: force "dense" or "paged"."""
 
     def __init__(self, cache: PagedKVCache, slot_lists: list[torch.Tensor], groups: list[tuple[int, int, int]],
-                 capacity: int, scale: float, num_q_heads: int):
+                 capacity: int, scale: float, num_q_heads: int, *, max_bytes: int | None = None,
+                 cascade_min_tokens: int = CASCADE_MIN_TOKENS, mode: str | None = None):
         self.cache, self.scale = cache, scale
         self.num_layers = len(cache.k)
-        dev, dtype = cache.k[0].device, cache.k[0].dtype
+        self.device, self.dtype = cache.k[0].device, cache.k[0].dtype
         hkv, d = cache.k[0].shape[1:]
         self.hkv, self.d, self.g = hkv, d, num_q_heads // hkv
-        b = len(slot_lists)
-        # Shared prefixes: one contiguous [Hkv, S, D] copy per group and layer.
-        self.groups = []  # (start, end, [k per layer] | None, [v per layer] | None)
-        rest_slots = []
+        b = self.n = len(slot_lists)
+        self.bytes_moved = 0                      # workspace bytes copied to drop finished rows
+        self.max_bytes = max_bytes
+        lengths = [len(s) for s in slot_lists]
+        elt = cache.k[0].element_size()
+        per_tok = 2 * self.num_layers * hkv * d * elt
+        shared_of = [0] * b
+        casc = []                                 # (rows, shared tokens) of the cascaded groups
         for start, end, shared in groups:
-            pk = pv = None
-            if shared > 0:
-                idx = slot_lists[start][:shared]
-                pk, pv = [], []
-                for layer in range(self.num_layers):
-                    k, v = cache.gather(layer, idx)
-                    pk.append(k.transpose(0, 1).contiguous())
-                    pv.append(v.transpose(0, 1).contiguous())
-            self.groups.append([start, end, pk, pv])
-            rest_slots.extend(s[shared:] for s in slot_lists[start:end])
-        self.rest_len = [len(s) for s in rest_slots]
-        cap = max(self.rest_len) + capacity
-        # Valid entries only: padding stays zero (finite), since a masked score times a NaN value
-        # would still poison the matmul.
+            if end - start >= 2 and shared >= max(1, cascade_min_tokens):
+                casc.append((range(start, end), shared))
+                for r in range(start, end):
+                    shared_of[r] = shared
+        rest = [n - s for n, s in zip(lengths, shared_of)]
+        cap = max(rest) + capacity
+        self.dense_bytes = (b * cap + sum(s for _, s in casc)) * per_tok
+        if mode is None:
+            mode = "dense" if max_bytes is None or self.dense_bytes <= max_bytes else "paged"
+        if mode not in ("dense", "paged"):
+            raise ValueError(f"DecodeBatch: mode must be 'dense' or 'paged', got {mode!r}")
+        self.mode = mode
+        if mode == "dense":
+            self._init_dense(slot_lists, casc, shared_of, rest, cap)
+        else:
+            self._init_paged(slot_lists, lengths, capacity)
+        self._step_tensors()
+
+    # -- layouts ---------------------------------------------------------------------------------
+
+    def _init_dense(self, slot_lists, casc, shared_of, rest, cap):
+        dev, dtype, hkv, d, b = self.device, self.dtype, self.hkv, self.d, self.n
+        self.group_of = [-1] * b                  # cascade group of each row position
+        self.shared = []                          # per cascade group: ([k per layer], [v per layer])
+        for gi, (rows, shared) in enumerate(casc):
+            idx = slot_lists[rows[0]][:shared]
+            pk, pv = [], []
+            for layer in range(self.num_layers):
+                k, v = self.cache.gather(layer, idx)
+                pk.append(k.transpose(0, 1).contiguous()[None])     # [1, Hkv, S, D]
+                pv.append(v.transpose(0, 1).contiguous()[None])
+            self.shared.append((pk, pv))
+            for r in rows:
+                self.group_of[r] = gi
+        rest_slots = [s[shared_of[r]:] for r, s in enumerate(slot_lists)]
         flat = torch.cat(rest_slots) if rest_slots else torch.zeros(0, dtype=torch.long, device=dev)
-        row = torch.repeat_interleave(torch.arange(b, device=dev), torch.tensor(self.rest_len, device=dev))
-        col = torch.cat([torch.arange(n, device=dev) for n in self.rest_len])
+        row = torch.repeat_interleave(torch.arange(b, device=dev), torch.tensor(rest, device=dev))
+        col = torch.cat([torch.arange(n, device=dev) for n in rest])
+        # Padding stays zero (finite): a masked score times a NaN value would still poison the matmul.
         self.rest_k, self.rest_v = [], []
         for layer in range(self.num_layers):
             bk = torch.zeros(b, hkv, cap, d, dtype=dtype, device=dev)
             bv = torch.zeros(b, hkv, cap, d, dtype=dtype, device=dev)
             if flat.numel():
-                k, v = cache.gather(layer, flat)
+                k, v = self.cache.gather(layer, flat)
                 bk[row, :, col] = k
                 bv[row, :, col] = v
             self.rest_k.append(bk)
             self.rest_v.append(bv)
-        self._step_tensors()
+        self.pos = list(rest)                     # where each row's next token goes in its buffer
+
+    def _init_paged(self, slot_lists, lengths, capacity):
+        dev, b = self.device, self.n
+        self.group_of = [-1] * b
+        self.shared = []
+        width = max(lengths) + capacity
+        self.slots = torch.zeros(b, width, dtype=torch.long, device=dev)   # padding: slot 0, masked
+        if sum(lengths):
+            flat = torch.cat(slot_lists)
+            row = torch.repeat_interleave(torch.arange(b, device=dev), torch.tensor(lengths, device=dev))
+            col = torch.cat([torch.arange(n, device=dev) for n in lengths])
+            self.slots[row, col] = flat
+        self.pos = list(lengths)                  # key index of each row's next token
+        # Keys per chunk such that one chunk's gathered K, V and fp32 scores fit the bound.
+        elt = self.cache.k[0].element_size()
+        per_key = b * self.hkv * (2 * self.d * elt + 3 * self.g * 4)
+        self.chunk = max(1, (self.max_bytes or 1 << 62) // per_key)
 
     @property
     def nbytes(self) -> int:
-        n = sum(t.numel() * t.element_size() for t in self.rest_k + self.rest_v)
-        for _, _, pk, pv in self.groups:
-            if pk is not None:
-                n += sum(t.numel() * t.element_size() for t in pk + pv)
+        """Bytes held for the call (dense buffers and shared copies; the slot table and one chunk's
+        temporaries when paged)."""
+        if self.mode == "paged":
+            elt = self.cache.k[0].element_size()
+            t = min(self.chunk, self.slots.shape[1])
+            return _nbytes([self.slots]) + self.n * self.hkv * t * (2 * self.d * elt + 3 * self.g * 4)
+        n = _nbytes(self.rest_k + self.rest_v)
+        for pk, pv in self.shared:
+            n += _nbytes(pk + pv)
         return n
 
     @property
     def size(self) -> int:
-        return len(self.rest_len)
+        return self.n
 
     def _step_tensors(self):
-        dev = self.rest_k[0].device
-        self._rows = torch.arange(len(self.rest_len), device=dev)
-        self._pos = torch.tensor(self.rest_len, device=dev)          # where this step's token goes
-        self._lens = self._pos + 1                                   # valid keys incl. this token
-        self._t = max(self.rest_len) + 1
+        dev, n = self.device, self.n
+        self._rows = torch.arange(n, device=dev)
+        self._pos = torch.tensor(self.pos[:n], device=dev)            # where this step's token goes
+        self._t = max(self.pos[:n]) + 1                               # keys to attend (incl. this token)
+        valid = torch.arange(self._t, device=dev)[None, :] <= self._pos[:, None]
+        self._valid = valid
+        self._mask = None
+        if self.mode == "dense":
+            # Flat row index of (row, head, pos) in a [rows * heads * cap, D] view of a buffer.
+            hk, cap = self.hkv, self.rest_k[0].shape[2]
+            heads = torch.arange(hk, device=dev)
+            self._flat = ((self._rows[:, None] * hk + heads[None, :]) * cap + self._pos[:, None]).reshape(-1)
+            if not bool(valid.all()):
+                self._mask = float_mask(valid[:, None, None, :], self.dtype)
+            live = {}
+            for p in range(n):
+                if self.group_of[p] >= 0:
+                    live.setdefault(self.group_of[p], []).append(p)
+            self._casc = [(gi, torch.tensor(ps, device=dev)) for gi, ps in live.items()]
+
+    # -- per step --------------------------------------------------------------------------------
+
+    def begin(self, slots: torch.Tensor) -> None:
+        """This step's pool slots [n] (the runner writes the new KV there before attending)."""
+        if self.mode == "paged":
+            self.slots[self._rows, self._pos] = slots
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """This step's k/v [B, Hkv, D] at each row's end."""
-        self.rest_k[layer][self._rows, :, self._pos] = k
-        self.rest_v[layer][self._rows, :, self._pos] = v
+        """This step's k/v [n, Hkv, D] at each row's end (paged: already in the pool)."""
+        if self.mode == "dense":
+            d = self.d
+            self.rest_k[layer].view(-1, d).index_copy_(0, self._flat, k.reshape(-1, d))
+            self.rest_v[layer].view(-1, d).index_copy_(0, self._flat, v.reshape(-1, d))
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """q [B, Hq, D] (this step's token of every row) -> attention output [B, Hq, D]."""
-        b = q.shape[0]
-        qg = q.view(b, self.hkv, self.g, self.d)
+        """q [n, Hq, D] (this step's token of every row) -> attention output [n, Hq, D]."""
+        n = q.shape[0]
+        qg = q.view(n, self.hkv, self.g, self.d)
+        if self.mode == "paged":
+            return self._attend_paged(layer, qg).to(q.dtype).view(n, -1, self.d)
         t = self._t
-        o2, m2, l2 = attend_rest(qg, self.rest_k[layer][:, :, :t], self.rest_v[layer][:, :, :t], self._lens,
-                                 self.scale)
-        if all(pk is None for _, _, pk, _ in self.groups):
-            return (o2 / l2).to(q.dtype).view(b, -1, self.d)
-        out = torch.empty_like(o2)
-        for start, end, pk, pv in self.groups:
-            if pk is None:
-                out[start:end] = o2[start:end] / l2[start:end]
+        k, v = self.rest_k[layer][:n, :, :t], self.rest_v[layer][:n, :, :t]
+        if not self._casc:
+            return decode_attention(qg, k, v, self._mask, self.scale).view(n, -1, self.d)
+        o, lse = partial_attention(qg, k, v, self._mask, self.scale)
+        o = o.float()
+        for gi, idx in self._casc:
+            pk, pv = self.shared[gi]
+            m = idx.numel()
+            qs = qg.index_select(0, idx).permute(1, 0, 2, 3).reshape(1, self.hkv, m * self.g, self.d)
+            o1, lse1 = partial_attention(qs, pk[layer], pv[layer], None, self.scale)
+            o1 = o1.view(self.hkv, m, self.g, self.d).permute(1, 0, 2, 3)
+            lse1 = lse1.view(self.hkv, m, self.g).permute(1, 0, 2)
+            o.index_copy_(0, idx, merge_lse(o1, lse1, o.index_select(0, idx), lse.index_select(0, idx)))
+        return o.to(q.dtype).view(n, -1, self.d)
+
+    def _attend_paged(self, layer: int, qg: torch.Tensor) -> torch.Tensor:
+        """Running-softmax attention over chunks of keys gathered from the pool."""
+        n, t = qg.shape[0], self._t
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        acc_o = acc_m = acc_l = None
+        for c0 in range(0, t, self.chunk):
+            c1 = min(t, c0 + self.chunk)
+            idx = self.slots[:n, c0:c1].reshape(-1)
+            k = kc.index_select(0, idx).view(n, c1 - c0, self.hkv, self.d).transpose(1, 2)
+            v = vc.index_select(0, idx).view(n, c1 - c0, self.hkv, self.d).transpose(1, 2)
+            valid = self._valid[:, c0:c1]
+            # Unwritten slots may hold anything (NaN included): mask scores and zero values.
+            v = v.masked_fill(~valid[:, None, :, None], 0)
+            s = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(self.scale)
+            s.masked_fill_(~valid[:, None, None, :], float("-inf"))
+            m = s.amax(-1, keepdim=True)
+            empty = torch.isinf(m)                                        # rows with no key in this chunk
+            m_safe = m.masked_fill(empty, 0.0)
+            p = (s - m_safe).exp_()
+            l = p.sum(-1, keepdim=True)
+            o = torch.matmul(p.to(v.dtype), v).float()
+            if acc_o is None:
+                acc_o, acc_m, acc_l = o, m, l        # chunk 0 holds key 0: valid for every row
                 continue
-            n = end - start
-            qs = qg[start:end].permute(1, 0, 2, 3).reshape(self.hkv, n * self.g, self.d)
-            o1, m1, l1 = attend_shared(qs, pk[layer], pv[layer], self.scale)
-            back = lambda x: x.view(self.hkv, n, self.g, -1).permute(1, 0, 2, 3)  # noqa: E731
-            out[start:end] = merge(back(o1), back(m1), back(l1), o2[start:end], m2[start:end], l2[start:end])
-        return out.to(q.dtype).view(b, -1, self.d)
+            new_m = torch.maximum(acc_m, m)
+            a_old = (acc_m - new_m).exp_()
+            a_new = (m_safe - new_m).exp_().masked_fill_(empty, 0.0)
+            acc_o = acc_o * a_old + o * a_new
+            acc_l = acc_l * a_old + l * a_new
+            acc_m = new_m
+        return acc_o / acc_l
 
     def advance(self) -> None:
-        """After all layers ran a step: every row's token is now part of its rest."""
-        self.rest_len = [n + 1 for n in self.rest_len]
+        """After all layers ran a step: every row's token is now part of its keys."""
+        self.pos = [p + 1 for p in self.pos[:self.n]]
         self._step_tensors()
 
-    def keep(self, rows: list[int]) -> None:
-        """Drop finished rows (rows: the indices to keep, ascending)."""
-        if len(rows) == self.size:
-            return
-        idx = torch.tensor(rows, device=self.rest_k[0].device)
-        self.rest_k = [t.index_select(0, idx) for t in self.rest_k]
-        self.rest_v = [t.index_select(0, idx) for t in self.rest_v]
-        self.rest_len = [self.rest_len[r] for r in rows]
+    def keep(self, rows: list[int]) -> list[int]:
+        """Drop finished rows (rows: the positions to keep). The last live rows move into the
+        freed positions (only they are copied). Returns the new order: new position i holds the
+        row that was at position order[i]."""
+        n_new = len(rows)
+        if n_new == self.n:
+            return list(range(self.n))
         kept = set(rows)
-        groups, start = [], 0
-        for s, e, pk, pv in self.groups:
-            n = sum(1 for r in range(s, e) if r in kept)
-            if n:
-                groups.append([start, start + n, pk, pv])
-                start += n
-        self.groups = groups
+        holes = [p for p in range(n_new) if p not in kept]
+        movers = [p for p in rows if p >= n_new]
+        order = list(range(n_new))
+        for h, m in zip(holes, movers):
+            order[h] = m
+        if holes:
+            ht = torch.tensor(holes, device=self.device)
+            mt = torch.tensor(movers, device=self.device)
+            bufs = [self.slots] if self.mode == "paged" else self.rest_k + self.rest_v
+            for buf in bufs:
+                moved = buf.index_select(0, mt)
+                buf.index_copy_(0, ht, moved)
+                self.bytes_moved += moved.numel() * moved.element_size()
+        self.pos = [self.pos[o] for o in order]
+        self.group_of = [self.group_of[o] for o in order]
+        self.n = n_new
         self._step_tensors()
+        return order

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from axpo.rollout.attention import prefill_attention
 from axpo.rollout.kv_cache import DecodeBatch, PagedKVCache
@@ -45,6 +46,8 @@ class ModelRunner:
         self.apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         self.image_token_id = getattr(model.config, "image_token_id", None) if self.is_vl else None
         self.merge = model.config.vision_config.spatial_merge_size if self.is_vl else 1
+        self.fast = _fast_layers(self.layers) if type(self.text.norm).__name__ in _RMS_NORMS else None
+        self.fast_norm = _rms(self.text.norm) if self.fast is not None else None
 
     @property
     def param(self) -> torch.Tensor:
@@ -121,6 +124,9 @@ class ModelRunner:
         b = ids.shape[0]
         x = self.text.embed_tokens(ids)[:, None]                       # [B, 1, H]
         cos, sin = self._rope(x, pos[:, :, None])
+        batch.begin(slots)
+        if self.fast is not None:
+            return self._decode_fast(cache, batch, x, cos, sin, slots)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             q, k, v = self._qkv(layer.self_attn, h, cos, sin)          # [B, H*, 1, D]
@@ -132,3 +138,82 @@ class ModelRunner:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         batch.advance()
         return self._logits(x[:, 0])
+
+    def _decode_fast(self, cache, batch, x, cos, sin, slots) -> torch.Tensor:
+        """`decode` with the layers' own parameters through functional ops: the same math as the
+        modules (RMSNorm in fp32, the model's rotary, SiLU-gated MLP) without module dispatch."""
+        b, d = x.shape[0], self.head_dim
+        for i, f in enumerate(self.fast):
+            h = f.ln1(x)
+            q = F.linear(h, f.wq, f.bq).view(b, 1, -1, d)
+            k = F.linear(h, f.wk, f.bk).view(b, 1, -1, d)
+            v = F.linear(h, f.wv, f.bv).view(b, 1, -1, d)
+            if f.qn is not None:
+                q, k = f.qn(q), f.kn(k)
+            q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            k, v = k[:, :, 0], v[:, 0]
+            cache.write(i, slots, k, v)
+            batch.append(i, k, v)
+            o = batch.attend(i, q[:, :, 0])                             # [B, Hq, D]
+            x = x + F.linear(o.reshape(b, 1, -1), f.wo, f.bo)
+            h = f.ln2(x)
+            x = x + F.linear(f.act(F.linear(h, f.wg)) * F.linear(h, f.wu), f.wd)
+        batch.advance()
+        return self.lm_head(self.fast_norm(x[:, 0])).float()
+
+
+# -- the functional decode path -------------------------------------------------------------------
+
+# RMSNorms whose forward is exactly `weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)`.
+_RMS_NORMS = {"Qwen3VLTextRMSNorm", "Qwen3RMSNorm", "Qwen2RMSNorm", "LlamaRMSNorm", "MistralRMSNorm"}
+_MLPS = {"Qwen3VLTextMLP", "Qwen3MLP", "Qwen2MLP", "LlamaMLP", "MistralMLP"}
+
+
+class _rms:
+    """A standard RMSNorm module as one fused op (fp32) or three (low precision, same rounding
+    points as the module: normalise in fp32, cast, then scale)."""
+
+    __slots__ = ("w", "eps", "shape")
+
+    def __init__(self, norm):
+        self.w, self.eps, self.shape = norm.weight, norm.variance_epsilon, (norm.weight.shape[-1],)
+
+    def __call__(self, x):
+        if x.dtype == torch.float32 and self.w.dtype == torch.float32:
+            return F.rms_norm(x, self.shape, self.w, self.eps)
+        return self.w * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
+
+
+class _Fast:
+    __slots__ = ("ln1", "ln2", "qn", "kn", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo", "wg", "wu", "wd", "act")
+
+
+def _fast_layers(layers):
+    """Per layer, the parameter tensors (references: `load_state_dict` copies into them in place)
+    for the functional decode path, or None when a module is not one whose math it reproduces."""
+    out = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        has_qk_norm = hasattr(attn, "q_norm")
+        if has_qk_norm:
+            norms += [attn.q_norm, attn.k_norm]
+        if any(type(n).__name__ not in _RMS_NORMS for n in norms) or type(mlp).__name__ not in _MLPS:
+            return None
+        act = getattr(mlp, "act_fn", None)
+        if type(act).__name__ not in ("SiLUActivation", "SiLU") or getattr(mlp, "down_proj", None) is None:
+            return None
+        f = _Fast()
+        f.ln1, f.ln2 = _rms(layer.input_layernorm), _rms(layer.post_attention_layernorm)
+        f.qn = _rms(attn.q_norm) if has_qk_norm else None
+        f.kn = _rms(attn.k_norm) if has_qk_norm else None
+        f.wq, f.bq = attn.q_proj.weight, attn.q_proj.bias
+        f.wk, f.bk = attn.k_proj.weight, attn.k_proj.bias
+        f.wv, f.bv = attn.v_proj.weight, attn.v_proj.bias
+        f.wo, f.bo = attn.o_proj.weight, attn.o_proj.bias
+        f.wg, f.wu, f.wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        if any(getattr(m, "bias", None) is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            return None
+        f.act = F.silu
+        out.append(f)
+    return out
