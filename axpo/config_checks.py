@@ -80,6 +80,8 @@ RULES: list[Rule] = [
     Rule("algo.entropy_window", lambda c: c.algo.entropy_window >= 1, "must be >= 1"),
     Rule("algo.brute_force", lambda c: not (c.algo.brute_force and c.algo.axpo),
          "brute force spends AXPO's extra budget on full rollouts instead: set algo.axpo=false with it"),
+    Rule("algo.prefix_weight", lambda c: not (c.algo.prefix_weight == "once" and c.algo.credit == "tree"),
+         "'once' is for soft/subgroup credit; tree credit places the prefix's credit by its own rule"),
     # optim
     Rule("optim.lr", lambda c: _finite(c.optim.lr) and c.optim.lr > 0, "must be > 0"),
     Rule("optim.weight_decay", lambda c: _finite(c.optim.weight_decay) and c.optim.weight_decay >= 0, "must be >= 0"),

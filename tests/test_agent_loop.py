@@ -80,8 +80,10 @@ def test_tool_round_trip_and_cut_index(make_loop):
     ('{"name": "search", "arguments": ', "bad_json"),
 ])
 def test_malformed_call_becomes_tool_error_and_loop_continues(make_loop, call_text, kind):
+    import dataclasses
+
     loop, fmt = make_loop()
-    sample = _samples()[0]
+    sample = dataclasses.replace(_samples()[0], tools=None)   # offered every tool of the run
     trajs = loop.rollout([sample], 1, step=0, response_prefix={sample.uid: _forced(fmt, call_text)})
     t = trajs[0]
     t.check(fmt.image_pad, fmt.merge_size)
@@ -90,6 +92,24 @@ def test_malformed_call_becomes_tool_error_and_loop_continues(make_loop, call_te
     # The error text went back to the model as a tool response, and sampling went on after it.
     text = fmt.decode(t.tokens[t.tool_calls[0].end:])
     assert "<tool_response>\nError:" in text and t.turns >= 2
+    loop.release(trajs)
+
+
+@pytest.mark.parametrize("tools, kind", [(["image_zoom_in"], "unknown_tool"), ([], "unknown_tool"),
+                                         (None, None)])
+def test_a_row_offers_exactly_its_tools(make_loop, tools, kind):
+    """`tools: [...]` offers just those (prompt and execution), `[]` none, None every tool."""
+    import dataclasses
+
+    loop, fmt = make_loop()
+    sample = dataclasses.replace(_samples()[0], tools=tools)
+    call = json.dumps({"name": "python", "arguments": {"code": "print(1)"}})
+    trajs = loop.rollout([sample], 1, step=0, response_prefix={sample.uid: _forced(fmt, call)})
+    t = trajs[0]
+    prompt = fmt.decode(t.tokens[:t.prompt_len])
+    assert ('"name": "python"' in prompt) == (tools is None)
+    assert ("# Tools" in prompt) == (tools != [])
+    assert t.tool_calls[0].error == kind
     loop.release(trajs)
 
 

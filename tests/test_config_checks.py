@@ -28,6 +28,7 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
     ("algo.ppo_epochs=0", "algo.ppo_epochs = 0: must be >= 1"),
     ("rollout.max_total_tokens=10", "rollout.max_total_tokens = 10: must be >= rollout.max_turn_tokens"),
     ("algo.brute_force=true", "algo.brute_force = True: brute force spends AXPO's extra budget"),
+    ("algo.prefix_weight=once", None),
     ("tools.enabled=[calculator]", "command line: tools.enabled[0] = 'calculator': unknown tool; registered: "
                                    "image_zoom_in, python, search"),
     ("data.reward=nope", "data.reward = 'nope': unknown reward; registered: verify"),
@@ -36,6 +37,11 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
     ("plugins=[missing_plugin.py]", "plugins = ['missing_plugin.py']: FileNotFoundError"),
 ])
 def test_bad_values_are_errors_naming_field_and_source(override, message):
+    if message is None:   # valid alone
+        load_config(SMOKE, [override])
+        with pytest.raises(ConfigError, match="algo.prefix_weight = 'once': 'once' is for soft/subgroup"):
+            load_config(SMOKE, [override, "algo.credit=tree"])
+        return
     with pytest.raises(ConfigError) as e:
         load_config(SMOKE, [override])
     assert message in str(e.value), str(e.value)

@@ -36,6 +36,7 @@ class AgentLoop:
                  seed: int = 0):
         self.engine, self.fmt, self.tools, self.cfg, self.seed = engine, fmt, tools, cfg, seed
         self.stats = LoopStats()
+        self._subsets: dict[tuple[str, ...], ToolRegistry] = {}
 
     # -- public -----------------------------------------------------------------------------
 
@@ -134,7 +135,19 @@ class AgentLoop:
     # -- internals --------------------------------------------------------------------------
 
     def _schemas(self, sample) -> list[dict]:
-        return self.tools.schemas(getattr(sample, "tools", None) or None)
+        # A row's `tools` is exactly what it is offered: None = every tool of the run, [] = none.
+        return self._tools_for(sample).schemas()
+
+    def _tools_for(self, sample) -> ToolRegistry:
+        """The registry of the tools this sample is offered: a call to any other tool is an
+        `unknown_tool` error the model reads, as if the tool did not exist."""
+        names = getattr(sample, "tools", None)
+        if names is None:
+            return self.tools
+        key = tuple(names)
+        if key not in self._subsets:
+            self._subsets[key] = self.tools.subset(list(names))
+        return self._subsets[key]
 
     @staticmethod
     def _mm(chunk: Chunk) -> dict:
@@ -173,7 +186,7 @@ class AgentLoop:
         start = lo + rel if rel is not None else turn_start
         if rel is None:
             call_text = "<missing <tool_call> opening>" + call_text
-        call, result = self.tools.execute(call_text, ToolContext(images=list(t.images)))
+        call, result = self._tools_for(sample).execute(call_text, ToolContext(images=list(t.images), sample=sample))
         if rel is None and result.error is None:
             result.error = "bad_format"
         self.stats.tool_calls += 1

@@ -48,6 +48,9 @@ class ToolContext:
     # All images of the trajectory so far, in order (question images first, then tool-returned
     # ones). `img_idx` indexes this list; a tool's new image will get index len(images).
     images: list["Image.Image"] = field(default_factory=list)
+    # The question this call answers (an axpo.tasks.Sample, or a user row): per-question tool
+    # state, e.g. the hidden slots a tool opens, lives in `sample.meta`. None outside a rollout.
+    sample: Any = None
 
 
 @runtime_checkable
