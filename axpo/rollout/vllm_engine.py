@@ -37,7 +37,8 @@ The agent loop drives an engine through `add` / `extend` / `generate` / `fork` /
   `fill_entropies(policy, trajs, ...)` below (one forward that also yields recomputed log-probs).
 - Weights: `load_weights` takes a state dict with Hugging Face names, an iterable of
   (name, tensor) pairs or a model, and loads it with `collective_rpc("reload_weights")` (tensors
-  in process; written to a safetensors file for a multi-process engine), then resets vLLM's
+  in process; written to a safetensors file for a multi-process engine, a path the tests do not
+  exercise: they run in process), then resets vLLM's
   prefix and encoder caches. The time is logged and kept in `stats`. As in the built-in engine,
   sequences from before the sync become read-only.
 
@@ -496,7 +497,11 @@ def fill_entropies(policy, trajs, *, pad_id: int, image_token_id: int, temperatu
     the recomputed per-token log-probs (same layout as `t.logprobs`: entry i is the log-prob of
     token i, 0.0 for token 0). This is what an engine with `provides_entropies = False` needs
     before AXPO's selection; with the weights the rollout used, the log-probs it returns are the
-    behaviour log-probs recomputed by the trainer (compare with the engine's to see the mismatch)."""
+    behaviour log-probs recomputed by the trainer (compare with the engine's to see the mismatch).
+
+    Single process only as written: batches are cut by a token budget, so under FSDP ranks could
+    run different numbers of forwards and hang; there, use the trainer's own no-grad recompute
+    pass (equal micro-batch counts on every rank) with `return_entropy=True`."""
     from axpo.policy import pack
 
     was_training = policy.training
