@@ -15,7 +15,8 @@ of the world size as FSDP2 does. Terms:
   the two largest other units (the one running and the one prefetched), in the compute dtype, and
   one unsharded fp32 gradient of the largest unit before its reduce-scatter;
 - rollout engine: the built-in engine's full copy of the weights in the compute dtype, its KV pool
-  and its decode workspace (`axpo.rollout.kv_cache.plan_kv` where present);
+  and its decode workspace, sized by the engine's own `axpo.rollout.kv_cache.plan_kv_cache` from
+  a share of the device;
 - activations with activation checkpointing at the micro-batch token budget: each layer's saved
   input, one layer recomputed in full (q, k, v, attention output, gate/up/down), the fused LM head's
   logits workspace;
@@ -97,18 +98,15 @@ class Plan:
         return "\n".join(lines)
 
 
-def _kv_bytes_per_token(text_cfg, dtype_bytes: int) -> int:
-    return 2 * text_cfg.num_hidden_layers * text_cfg.num_key_value_heads * text_cfg.head_dim * dtype_bytes
-
-
 def plan_memory(model_config: dict, *, world: int, device_gb: float, micro_batch_tokens: int,
                 compute_dtype: str = "bfloat16", freeze_vision: bool = True,
                 activation_checkpointing: bool = True, kv_tokens: int | None = None,
-                kv_fraction: float = 0.3, decode_rows: int = 64, max_turn_tokens: int = 2048,
+                kv_fraction: float = 0.25, max_total_tokens: int = 16384,
                 lm_head_workspace_mib: float = 1024) -> Plan:
     """The per-rank plan of one training process at `world` ranks (see the module docstring).
 
-    The KV pool gets `kv_tokens` tokens if given, else `kv_fraction` of the device."""
+    The rollout engine's KV pool and decode workspace share `kv_fraction` of the device (the
+    engine's `plan_kv_cache`); `kv_tokens` caps the pool."""
     from axpo import distributed
     from axpo.policy import PolicyModel
 
@@ -149,12 +147,18 @@ def plan_memory(model_config: dict, *, world: int, device_gb: float, micro_batch
     trainable_units = [n for n, tr in zip(unit_numel[:-1], unit_train_shard[:-1]) if tr > 0]
     t["unsharded grad before reduce-scatter"] = 4 * max(trainable_units, default=0)
     t["rollout engine weights (full copy)"] = cb * n_params
-    bpt = _kv_bytes_per_token(text, cb)
-    if kv_tokens is None:
-        kv_tokens = int(kv_fraction * plan.device_bytes) // bpt
-    t["rollout KV pool"] = kv_tokens * bpt
-    # Decode workspace: per live row, the current turn's K/V (bounded by max_turn_tokens), per layer.
-    t["decode workspace (rows x turn tokens)"] = decode_rows * max_turn_tokens * bpt
+    # The engine's own planner (axpo/rollout/kv_cache.py): the pool holds whole blocks of the budget
+    # left after the bounded decode workspace; `kv_tokens` (a token count) caps the pool.
+    from axpo.rollout.kv_cache import plan_kv_cache
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[compute_dtype]
+    kvp = plan_kv_cache(num_layers=L, num_kv_heads=text.num_key_value_heads, head_dim=text.head_dim,
+                       dtype=dtype, budget_bytes=int(kv_fraction * plan.device_bytes),
+                       max_kv_tokens=kv_tokens)
+    bpt = kvp.bytes_per_token
+    kv_tokens = kvp.num_tokens
+    t["rollout KV pool"] = kvp.pool_bytes
+    t["decode workspace (bounded by the plan)"] = kvp.workspace_bytes
     T = micro_batch_tokens
     if activation_checkpointing:
         saved = L * T * H * cb
@@ -168,12 +172,13 @@ def plan_memory(model_config: dict, *, world: int, device_gb: float, micro_batch
     t["reserve (context, NCCL, fragmentation)"] = RESERVE_BYTES
     plan.facts = {"parameters": n_params, "trainable parameters": sum(
         p.numel() for p in model.parameters() if p.requires_grad), "KV bytes per token": bpt,
-        "KV pool tokens": kv_tokens, "micro-batch tokens": T, "FSDP units": len(units)}
+        "KV pool tokens": kv_tokens, "trajectories at max length in the pool": kv_tokens // max(1, max_total_tokens),
+        "micro-batch tokens": T, "FSDP units": len(units)}
     return plan
 
 
 def plan_for_config(cfg, *, world: int, device_gb: float, model_config: dict | None = None,
-                    kv_fraction: float = 0.3) -> Plan:
+                    kv_fraction: float = 0.25) -> Plan:
     """The plan of an `axpo.config.Config` (its model, micro-batches and rollout limits)."""
     if model_config is None:
         name = cfg.model.name
@@ -189,9 +194,8 @@ def plan_for_config(cfg, *, world: int, device_gb: float, model_config: dict | N
                        compute_dtype="bfloat16" if cfg.model.dtype != "float32" else "float32",
                        freeze_vision=cfg.model.freeze_vision,
                        activation_checkpointing=cfg.model.activation_checkpointing,
-                       kv_tokens=None, kv_fraction=kv_fraction,
-                       decode_rows=cfg.rl.questions_per_step * cfg.rollout.group_size // world,
-                       max_turn_tokens=cfg.rollout.max_turn_tokens)
+                       kv_tokens=cfg.rollout.max_kv_tokens, kv_fraction=kv_fraction,
+                       max_total_tokens=cfg.rollout.max_total_tokens)
 
 
 def main(argv=None) -> int:
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="configs/qwen3vl-8b-axpo.yaml")
     ap.add_argument("--world", type=int, default=8, help="ranks (GPUs) the run is sharded over")
     ap.add_argument("--device-gb", type=float, default=80.0, help="memory of one GPU, GiB")
-    ap.add_argument("--kv-fraction", type=float, default=0.3, help="share of the device for the KV pool")
+    ap.add_argument("--kv-fraction", type=float, default=0.25, help="share of the device for the KV pool")
     ap.add_argument("--model-config", help="a config.json of the model (else the published sizes)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)

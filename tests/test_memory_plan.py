@@ -30,3 +30,27 @@ def test_sharded_terms_scale_with_the_world_size():
     # Frozen vision: its parameters get no gradient or optimizer state.
     assert p8.facts["trainable parameters"] < p8.facts["parameters"]
     assert p8.terms["rollout KV pool"] == 100_000 * 2 * 36 * 8 * 128 * 2
+
+
+def test_the_8b_config_fits_an_80gb_gpu_at_world_8_and_not_at_world_2():
+    from axpo.config import load_config
+    from axpo.memory_plan import plan_for_config
+
+    cfg = load_config(__import__("pathlib").Path(__file__).parents[1] / "configs" / "qwen3vl-8b-axpo.yaml",
+                      check=False)
+    p8 = plan_for_config(cfg, world=8, device_gb=79.6)     # an H100 80GB: 81,559 MiB
+    assert p8.fits, p8.table()
+    # The KV pool is planned from a share of the device, not the config's 2M-token cap (295 GB).
+    assert p8.terms["rollout KV pool"] <= 0.25 * p8.device_bytes
+    assert p8.facts["KV pool tokens"] < cfg.rollout.max_kv_tokens
+    assert not plan_for_config(cfg, world=2, device_gb=79.6).fits
+
+
+def test_memory_plan_command_prints_the_plan():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "axpo.memory_plan", "--world", "8", "--device-gb", "79.6"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rollout KV pool" in r.stdout and "(fits)" in r.stdout
