@@ -169,8 +169,8 @@ def main():
     at = {r["method"]: r for r in rows if r["prefix_tokens"] == 2048 and not r["image"]}
     if at:
         f, g = at["engine_fork"], at["hf_generate"]
-        print(f"targets at P=2048: fork {f['speedup_vs_generate']:.2f}x generate (>= 2x: "
-              f"{f['speedup_vs_generate'] >= 2}); decode {f['decode_tokens_per_s']:.0f} vs {g['decode_tokens_per_s']:.0f} "
+        print(f"targets at P=2048: fork {f['speedup_vs_generate']:.2f}x generate (>= 5x: "
+              f"{f['speedup_vs_generate'] >= 5}); decode {f['decode_tokens_per_s']:.0f} vs {g['decode_tokens_per_s']:.0f} "
               f"tok/s (no worse: {f['decode_tokens_per_s'] >= g['decode_tokens_per_s']}); KV blocks "
               f"{f['kv_blocks_used']} <= {f['kv_blocks_bound']}: {f['kv_blocks_used'] <= f['kv_blocks_bound']}")
 

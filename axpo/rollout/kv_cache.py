@@ -20,9 +20,10 @@ bytes. Two layouts, chosen per call:
   [rows, heads, rest + max_tokens, head_dim] that each step appends to, so decode never re-gathers
   the cache, and all rows attend with one fused call. Rows of a group that share a long prefix
   (`cascade_min_tokens` or more, as after `fork`/`fork_at` of a long context) attend to one
-  contiguous copy of it with one batched matmul for the group (cascade attention, attention.py)
-  instead of each holding its own copy; below the threshold the per-group work costs more than the
-  rows' own copies of a short prefix.
+  contiguous copy of it instead of each holding its own (cascade attention, attention.py): the
+  prefixes of all such groups sit in one padded tensor, so one batched call serves every group,
+  and the two partial results are merged by their log-sum-exp. Below the threshold the extra
+  calls cost more than the rows' own copies of a short prefix.
 - paged (when it does not): nothing is copied; each step every row's keys are read from the pool
   through its slot table in chunks sized to the bound (flash-style running softmax). Slower on
   CPU, but the workspace no longer grows with context length x rows.
@@ -43,7 +44,7 @@ from axpo.rollout.attention import decode_attention, float_mask, merge_lse, part
 DEFAULT_CPU_BUDGET_BYTES = 2 << 30    # CPU, no budget given: 2 GiB (pages commit lazily there)
 DEFAULT_MEMORY_FRACTION = 0.3         # accelerators, no budget given: of the free device memory
 DEFAULT_WORKSPACE_FRACTION = 0.1      # of the budget, for the decode workspaces
-CASCADE_MIN_TOKENS = 256              # shared prefix length from which cascade attention pays
+CASCADE_MIN_TOKENS = 128              # shared prefix length from which cascade attention pays (measured)
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -279,17 +280,29 @@ class DecodeBatch:
     def _init_dense(self, slot_lists, casc, shared_of, rest, cap):
         dev, dtype, hkv, d, b = self.device, self.dtype, self.hkv, self.d, self.n
         self.group_of = [-1] * b                  # cascade group of each row position
-        self.shared = []                          # per cascade group: ([k per layer], [v per layer])
-        for gi, (rows, shared) in enumerate(casc):
-            idx = slot_lists[rows[0]][:shared]
-            pk, pv = [], []
+        # Shared prefixes of all cascaded groups in one padded tensor per layer [groups, Hkv, S, D]
+        # (padding zero and masked), so one batched call attends every group to its own prefix.
+        self.shared_k, self.shared_v, self.shared_mask = [], [], None
+        if casc:
+            ng, smax = len(casc), max(sh for _, sh in casc)
+            lens = torch.tensor([sh for _, sh in casc], device=dev)
+            idx = torch.cat([slot_lists[rows[0]][:sh] for rows, sh in casc])
+            gi_ = torch.repeat_interleave(torch.arange(ng, device=dev), lens)
+            col = torch.cat([torch.arange(sh, device=dev) for _, sh in casc])
             for layer in range(self.num_layers):
                 k, v = self.cache.gather(layer, idx)
-                pk.append(k.transpose(0, 1).contiguous()[None])     # [1, Hkv, S, D]
-                pv.append(v.transpose(0, 1).contiguous()[None])
-            self.shared.append((pk, pv))
-            for r in rows:
-                self.group_of[r] = gi
+                sk = torch.zeros(ng, hkv, smax, d, dtype=dtype, device=dev)
+                sv = torch.zeros(ng, hkv, smax, d, dtype=dtype, device=dev)
+                sk[gi_, :, col] = k
+                sv[gi_, :, col] = v
+                self.shared_k.append(sk)
+                self.shared_v.append(sv)
+            valid = torch.arange(smax, device=dev)[None, :] < lens[:, None]
+            if not bool(valid.all()):
+                self.shared_mask = float_mask(valid[:, None, None, :], dtype)
+            for gi, (rows, _) in enumerate(casc):
+                for r in rows:
+                    self.group_of[r] = gi
         rest_slots = [s[shared_of[r]:] for r, s in enumerate(slot_lists)]
         flat = torch.cat(rest_slots) if rest_slots else torch.zeros(0, dtype=torch.long, device=dev)
         row = torch.repeat_interleave(torch.arange(b, device=dev), torch.tensor(rest, device=dev))
@@ -310,7 +323,7 @@ class DecodeBatch:
     def _init_paged(self, slot_lists, lengths, capacity):
         dev, b = self.device, self.n
         self.group_of = [-1] * b
-        self.shared = []
+        self.shared_k, self.shared_v = [], []
         width = max(lengths) + capacity
         self.slots = torch.zeros(b, width, dtype=torch.long, device=dev)   # padding: slot 0, masked
         if sum(lengths):
@@ -332,10 +345,7 @@ class DecodeBatch:
             elt = self.cache.k[0].element_size()
             t = min(self.chunk, self.slots.shape[1])
             return _nbytes([self.slots]) + self.n * self.hkv * t * (2 * self.d * elt + 3 * self.g * 4)
-        n = _nbytes(self.rest_k + self.rest_v)
-        for pk, pv in self.shared:
-            n += _nbytes(pk + pv)
-        return n
+        return _nbytes(self.rest_k + self.rest_v + self.shared_k + self.shared_v)
 
     @property
     def size(self) -> int:
@@ -356,11 +366,21 @@ class DecodeBatch:
             self._flat = ((self._rows[:, None] * hk + heads[None, :]) * cap + self._pos[:, None]).reshape(-1)
             if not bool(valid.all()):
                 self._mask = float_mask(valid[:, None, None, :], self.dtype)
-            live = {}
-            for p in range(n):
-                if self.group_of[p] >= 0:
-                    live.setdefault(self.group_of[p], []).append(p)
-            self._casc = [(gi, torch.tensor(ps, device=dev)) for gi, ps in live.items()]
+            self._casc = None
+            if self.shared_k:
+                # Per cascaded group its live rows, padded to the largest group with the group's
+                # first live row (the padded queries' results are dropped).
+                members = [[] for _ in range(self.shared_k[0].shape[0])]
+                for p in range(n):
+                    if self.group_of[p] >= 0:
+                        members[self.group_of[p]].append(p)
+                width = max(len(m) for m in members)
+                if width:
+                    grid = [m + [m[0] if m else 0] * (width - len(m)) for m in members]
+                    sel = [gi * width + j for gi, m in enumerate(members) for j in range(len(m))]
+                    rows = [p for m in members for p in m]
+                    self._casc = (torch.tensor(grid, device=dev).reshape(-1), width,
+                                  torch.tensor(sel, device=dev), torch.tensor(rows, device=dev))
 
     # -- per step --------------------------------------------------------------------------------
 
@@ -384,18 +404,17 @@ class DecodeBatch:
             return self._attend_paged(layer, qg).to(q.dtype).view(n, -1, self.d)
         t = self._t
         k, v = self.rest_k[layer][:n, :, :t], self.rest_v[layer][:n, :, :t]
-        if not self._casc:
+        if self._casc is None:
             return decode_attention(qg, k, v, self._mask, self.scale).view(n, -1, self.d)
         o, lse = partial_attention(qg, k, v, self._mask, self.scale)
-        o = o.float()
-        for gi, idx in self._casc:
-            pk, pv = self.shared[gi]
-            m = idx.numel()
-            qs = qg.index_select(0, idx).permute(1, 0, 2, 3).reshape(1, self.hkv, m * self.g, self.d)
-            o1, lse1 = partial_attention(qs, pk[layer], pv[layer], None, self.scale)
-            o1 = o1.view(self.hkv, m, self.g, self.d).permute(1, 0, 2, 3)
-            lse1 = lse1.view(self.hkv, m, self.g).permute(1, 0, 2)
-            o.index_copy_(0, idx, merge_lse(o1, lse1, o.index_select(0, idx), lse.index_select(0, idx)))
+        grid, width, sel, rows = self._casc
+        ng, hkv, g, d = self.shared_k[0].shape[0], self.hkv, self.g, self.d
+        qs = qg.index_select(0, grid).view(ng, width, hkv, g, d).transpose(1, 2).reshape(ng, hkv, width * g, d)
+        o1, lse1 = partial_attention(qs, self.shared_k[layer], self.shared_v[layer], self.shared_mask, self.scale)
+        o1 = o1.view(ng, hkv, width, g, d).transpose(1, 2).reshape(ng * width, hkv, g, d).index_select(0, sel)
+        lse1 = lse1.view(ng, hkv, width, g).transpose(1, 2).reshape(ng * width, hkv, g).index_select(0, sel)
+        merged = merge_lse(o1, lse1, o.index_select(0, rows), lse.index_select(0, rows))
+        o = o.float().index_copy_(0, rows, merged)
         return o.to(q.dtype).view(n, -1, self.d)
 
     def _attend_paged(self, layer: int, qg: torch.Tensor) -> torch.Tensor:
