@@ -27,8 +27,8 @@ import yaml
 from axpo import distributed
 from axpo.agent.format import AgentFormat
 from axpo.agent.loop import AgentLoop
-from axpo.algo.credit import loss_masks, sequence_advantages, token_advantages
-from axpo.algo.resample import expand, new_tokens
+from axpo.algo.credit import assign
+from axpo.algo.resample import expand, new_tokens, reduce_diagnostics
 from axpo.batching import micro_batches
 from axpo.checkpoint import DCP_METADATA, Checkpointer, export_hf, load_model_weights
 from axpo.config import Config, StageConfig, load_config, to_dict
@@ -85,7 +85,9 @@ def take(n_items: int, per_step: int, step: int, seed: int) -> list[int]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, for_eval: bool = False):
+    def __init__(self, cfg: Config, *, for_eval: bool = False, tools: list | None = None, reward=None):
+        """`tools`: Tool objects offered besides `tools.enabled`; `reward`: a function, RewardFn or
+        registered name instead of `data.reward` (both passed to `build_sources`)."""
         self.cfg = cfg
         self.d = distributed.init()
         self.run_dir = Path(cfg.trainer.output_dir)
@@ -107,7 +109,7 @@ class Trainer:
             attn_implementation=None if cfg.model.name == "tiny" else cfg.model.attn_implementation)
         model.to(self.d.device)
         self.fmt = AgentFormat(self.processor)
-        self.src = build_sources(cfg, self.fmt)
+        self.src = build_sources(cfg, self.fmt, tools=tools, reward=reward)
         # The engine decodes with its own full copy of the weights; training uses the shards.
         self.engine = Engine(copy.deepcopy(model).eval(), block_size=cfg.rollout.block_size,
                              max_kv_tokens=cfg.rollout.max_kv_tokens, device=self.d.device)
@@ -362,18 +364,15 @@ class Trainer:
             base = self.loop.rollout(samples, cfg.rollout.group_size, step=step)
             for tr in base:
                 tr.reward = reward(tr)
-            truncated = sum(tr.truncated for tr in base) / max(1, len(base))
             by_group = dict(enumerate(samples))
             trajs, diag = expand(self.loop, base, by_group, reward, a, step=step,
-                                 seed=cfg.trainer.seed)
+                                 seed=cfg.trainer.seed, mask_truncated=cfg.rollout.mask_truncated)
             self.loop.release(trajs)
             # This step's training rollouts only (base and extra; evaluations run outside steps), all ranks.
             tool_errors = distributed.all_reduce_sum(sum(self.loop.stats.tool_errors.values()) - errors_before, d)
             t_roll = time.time() - t
             trained = [not (cfg.rollout.mask_truncated and tr.truncated) for tr in trajs]
-            seq_adv = sequence_advantages(trajs, credit=a.credit, mode=a.advantage, trained=trained)
-            tok_adv = token_advantages(trajs, seq_adv, credit=a.credit, tree_sqrt_weight=a.tree_sqrt_weight)
-            masks = loss_masks(trajs, credit=a.credit, trained=trained)
+            seq_adv, tok_adv, masks = assign(trajs, a, trained)
             for tr in trajs:
                 tr.check(self.fmt.image_pad, self.fmt.merge_size)
             stats = policy_update(
@@ -388,10 +387,8 @@ class Trainer:
                 self.scheduler.step()
             self.sync_engine()
             gen_tokens = distributed.all_reduce_sum(sum(new_tokens(tr) for tr in trajs), d)
-            counts = {k: diag.pop(k) for k in ("prefixes_selected", "extra_rollouts")}
-            diag["truncated_rate"] = truncated  # hit max_turn_tokens/max_turns/max_total_tokens
-            diag = {**distributed.all_reduce_mean(diag, d),
-                    **{k: distributed.all_reduce_sum(v, d) for k, v in counts.items()}}
+            # Every rate from its numerator and denominator summed over ranks (truncated_rate too).
+            diag = reduce_diagnostics(diag, d)
             dt = time.time() - t
             metrics = {**diag, **stats, "reward": diag["accuracy"], "lr": self.scheduler.get_last_lr()[0],
                        "rollout_time": t_roll, "step_time": dt, "tokens_per_s": gen_tokens / dt,
