@@ -408,8 +408,13 @@ class PythonSandboxTool:
             a += ["--ro-bind", src(b), b]
         if want_mpl and (cache := self._matplotlib_cache()):
             a += ["--ro-bind", src(str(cache)), f"{_RUNNER_DIR}/mpl"]
-        a += ["--proc", "/proc", "--dev", "/dev",
-              "--size", str(cfg.work_mb << 20), "--tmpfs", lay.work, "--symlink", lay.work, "/tmp",
+        a += ["--proc", "/proc", "--dev", "/dev", "--size", str(cfg.work_mb << 20), "--tmpfs", lay.work]
+        # /tmp points into the private working folder, unless an interpreter path is bound under
+        # /tmp (a venv or checkout there): then /tmp already exists in the sandbox, read-only, and
+        # TMPDIR alone sends temporary files to the working folder.
+        if not any(b == "/tmp" or b.startswith("/tmp/") for b in lay.binds):
+            a += ["--symlink", lay.work, "/tmp"]
+        a += [
               "--ro-bind-data", str(fds["job"]), f"{_RUNNER_DIR}/job.json",
               "--ro-bind-data", str(fds["child"]), f"{_RUNNER_DIR}/child.py",
               "--json-status-fd", str(fds["status"]), "--chdir", lay.work, "--clearenv"]
