@@ -9,11 +9,18 @@
 A NaN/inf loss or gradient skips the optimiser step (weights untouched) and is reported: `skipped`
 counts such epochs, and `loss`/`grad_norm` carry the non-finite values (never a 0.0 that reads as
 a perfect step).
+
+Devices: every tensor that meets the model, a kernel or a collective is on the policy's device
+(its parameters'; `d.device` in the trainer): batches are packed there, the step's masks and
+advantages are moved there once, and each micro-batch's per-token tensors (`micro_batch_inputs`,
+`supervised_mask`) are built there. Host numbers (token counts) come from the host copies, so no
+micro-batch waits on the device.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -42,13 +49,72 @@ def _rows(trajs) -> list[dict]:
             for t in trajs]
 
 
-def _shifted(x: list[torch.Tensor], idx: list[int], L: int) -> torch.Tensor:
-    """Per-token values for tokens 1..L-1 of each row (aligned with next-token log-probs)."""
-    out = torch.zeros(len(idx), L - 1)
-    for r, i in enumerate(idx):
-        v = x[i][1:L]
-        out[r, :v.numel()] = v
-    return out
+def policy_device(policy) -> torch.device:
+    """Where the policy computes: its parameters' device (an FSDP2 shard's local device)."""
+    return next(policy.parameters()).device
+
+
+def _on(t: torch.Tensor, device: torch.device | str) -> bool:
+    device = torch.device(device)
+    return t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))
+
+
+def _shifted(x: list[torch.Tensor], idx: list[int], L: int, device: torch.device | str) -> torch.Tensor:
+    """Per-token values for tokens 1..L-1 of each row (aligned with next-token log-probs), fp32,
+    [len(idx), L-1], zero-padded. The inputs must be on `device` already (moved once per step): a
+    tensor elsewhere is an error here rather than a copy per micro-batch or a device mix later."""
+    rows = []
+    for i in idx:
+        v = x[i]
+        if not _on(v, device):
+            raise ValueError(f"per-token values of row {i} are on {v.device}, the policy on {device}")
+        v = v.narrow(0, 1, max(0, min(L, v.shape[0]) - 1)).to(torch.float32)
+        rows.append(torch.nn.functional.pad(v, (0, L - 1 - v.shape[0])))
+    return torch.stack(rows)
+
+
+@dataclass
+class MicroBatchInputs:
+    """The per-token tensors of one micro-batch, [rows, L-1], on the policy's device."""
+    mask: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    ref_logp: torch.Tensor | None
+    n_local: float            # trained tokens of the micro-batch (host number)
+
+
+def micro_batch_inputs(idx: list[int], real: bool, L: int, *, masks: list[torch.Tensor],
+                       old: list[torch.Tensor], token_adv: list[torch.Tensor],
+                       ref_logps: list[torch.Tensor] | None, n_tokens: list[float],
+                       device: torch.device | str) -> MicroBatchInputs:
+    """Mask (x0 for a dummy micro-batch), old log-probs, advantages and reference log-probs of the
+    rows `idx`, aligned with the next-token log-probs of a batch of width L, built on `device`.
+    `n_tokens[i]`: row i's trained-token count, from the host masks."""
+    mask = _shifted(masks, idx, L, device) * float(real)
+    ref = _shifted(ref_logps, idx, L, device) if ref_logps is not None else None
+    n_local = float(sum(n_tokens[i] for i in idx)) * float(real)
+    return MicroBatchInputs(mask, _shifted(old, idx, L, device), _shifted(token_adv, idx, L, device), ref, n_local)
+
+
+def micro_batch_loss(logp: torch.Tensor, inp: MicroBatchInputs, *, clip_low: float, clip_high: float,
+                     beta: float, agg: str, normalizer: float) -> tuple[torch.Tensor, dict]:
+    """The clipped surrogate (+ k3 KL) of one micro-batch, scaled by the step's global normalizer."""
+    return clipped_policy_loss(logp, inp.old_logp, inp.advantages, inp.mask, clip_low=clip_low,
+                               clip_high=clip_high, ref_logp=inp.ref_logp, beta=beta, agg=agg,
+                               normalizer=normalizer)
+
+
+def supervised_mask(masks: list[list[int]], idx: list[int], real: bool, L: int, *, dtype: torch.dtype,
+                    device: torch.device | str) -> torch.Tensor:
+    """[rows, L-1] next-token target mask of an SFT/pre-training micro-batch (mask[j] = 1: token j
+    is a target), x0 for a dummy micro-batch, built on `device` from the host lists in one copy."""
+    rows = [list(masks[i][1:L]) + [0] * (L - 1 - len(masks[i][1:L])) for i in idx]
+    return torch.tensor(rows, dtype=dtype, device=device) * float(real)
+
+
+def supervised_loss(logp: torch.Tensor, mask: torch.Tensor, g_tok: float) -> torch.Tensor:
+    """Masked next-token NLL summed over the micro-batch, divided by the global target count."""
+    return -(logp * mask).sum() / max(1.0, g_tok)
 
 
 @torch.no_grad()
@@ -57,7 +123,7 @@ def old_logprobs(policy: PolicyModel, rows: list[dict], fmt, budget: int, temper
     logps: list = [None] * len(rows)
     ents: list = [None] * len(rows)
     for idx, real in even_batches(micro_batches([len(r["tokens"]) for r in rows], budget), d):
-        batch = pack([rows[i] for i in idx], fmt.pad, fmt.image_pad, idx)
+        batch = pack([rows[i] for i in idx], fmt.pad, fmt.image_pad, idx, device=policy_device(policy))
         lp, en = policy(batch, temperature=temperature, return_entropy=True)
         if not real:
             continue
@@ -78,12 +144,20 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
         raise ValueError("algo.beta > 0 needs a reference policy")
     rows = _rows(trajs)
     old, ents = old_logprobs(policy, rows, fmt, budget, temperature, d)
-    ref_logps = old_logprobs(ref_policy, rows, fmt, budget, temperature, d)[0] if beta > 0 else None
+    ref_logps = None
+    if beta > 0:
+        ref_logps = old_logprobs(ref_policy, rows, fmt, budget, temperature, d)[0]
+        if hasattr(ref_policy, "reshard"):   # FSDP2: free the reference's gathered root weights
+            ref_policy.reshard()
+    n_tokens = [float(m[1:].sum()) for m in masks]   # host counts (a token 0 is never trained)
     n_tok = sum(float(m.sum()) for m in masks)
     n_seq = sum(1.0 for m in masks if m.sum() > 0)
     g_tok = all_reduce_sum(n_tok, d)
     g_seq = all_reduce_sum(n_seq, d)
-    ent_sum = sum(float((e * m).sum()) for e, m in zip(ents, masks))
+    device = policy_device(policy)
+    masks = [m.to(device) for m in masks]           # once per step, not per micro-batch and epoch
+    token_adv = [a.to(device) for a in token_adv]
+    ent_sum = sum(torch.stack([(e * m).sum() for e, m in zip(ents, masks)]).tolist()) if ents else 0.0
     stats = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "kl": 0.0, "grad_norm": 0.0,
              "entropy": all_reduce_sum(ent_sum, d) / max(1.0, g_tok), "trained_tokens": g_tok,
              "skipped": 0.0}
@@ -94,25 +168,21 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for idx, real in batches:
-            batch = pack([rows[i] for i in idx], fmt.pad, fmt.image_pad, idx)
-            L = batch.input_ids.shape[1]
-            mask = _shifted(masks, idx, L) * float(real)
+            batch = pack([rows[i] for i in idx], fmt.pad, fmt.image_pad, idx, device=device)
+            inp = micro_batch_inputs(idx, real, batch.input_ids.shape[1], masks=masks, old=old,
+                                     token_adv=token_adv, ref_logps=ref_logps, n_tokens=n_tokens, device=device)
             logp, _ = policy(batch, temperature=temperature, return_entropy=False)
-            ref = _shifted(ref_logps, idx, L) if ref_logps is not None else None
-            n_local = float(mask.sum())
-            if n_local == 0.0:
+            if inp.n_local == 0.0:
                 # A dummy or all-masked micro-batch: a zero loss still connected to every parameter
                 # keeps FSDP's gradient collectives in step.
                 (logp * 0.0).sum().backward()
                 continue
             # The global denominator makes the sum over micro-batches and ranks the step's mean.
-            loss, st = clipped_policy_loss(
-                logp, _shifted(old, idx, L), _shifted(token_adv, idx, L), mask,
-                clip_low=clip_low, clip_high=clip_high, ref_logp=ref, beta=beta, agg=agg,
-                normalizer=g_tok if agg == "token-mean" else g_seq)
+            loss, st = micro_batch_loss(logp, inp, clip_low=clip_low, clip_high=clip_high, beta=beta, agg=agg,
+                                        normalizer=g_tok if agg == "token-mean" else g_seq)
             (loss * d.world).backward()   # FSDP averages gradients over ranks; undo that
             total += float(loss.detach())
-            w = n_local / g_tok
+            w = inp.n_local / g_tok
             stats["clip_frac"] += float(st["clip_frac"]) * w / epochs
             stats["ratio"] += float(st["ratio_mean"]) * w / epochs
             stats["kl"] += float(st.get("kl_mean", 0.0)) * w / epochs
