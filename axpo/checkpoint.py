@@ -15,11 +15,16 @@ keeps all.
 
 `export_hf` writes the policy as a Hugging Face folder (safetensors + processor) that loads with
 `AutoModelForImageTextToText.from_pretrained`.
+
+`gathered_weights` streams the full (unsharded) weights of an FSDP2 model in buckets of a bounded
+size: the rollout engine's weight sync and the export copy each piece into place, so no rank ever
+holds a full state dict beside its model (one bucket, `bucket_bytes`, is the peak extra memory).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -34,7 +39,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from axpo.distributed import Dist, full_state_dict
+from axpo.distributed import Dist
+from axpo.models import canonical_name, copy_nonpersistent_buffers
+
+SYNC_BUCKET_BYTES = 512 * 2**20   # default bucket of `gathered_weights`
 
 
 def rng_state() -> dict:
@@ -208,18 +216,146 @@ def load_model_weights(model, path: str | Path) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def export_hf(policy, processor, out_dir: str | Path, d: Dist) -> Path | None:
-    """Gather the full weights (all ranks take part) and let rank 0 write a Hugging Face folder."""
-    sd = full_state_dict(policy)
+def _row_layout(value, world: int):
+    """For a DTensor sharded along dim 0 over a 1-D mesh of all ranks (FSDP2's layout): the
+    (rows, global row offset) of every rank's local shard, as DTensor computes them; else None."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(value, DTensor) or value.dim() == 0 or value.device_mesh.ndim != 1:
+        return None
+    if value.device_mesh.size() != world or len(value.placements) != 1:
+        return None
+    pl = value.placements[0]
+    if type(pl) is not Shard or pl.dim != 0:
+        return None
+    n = value.shape[0]
+    layout = []
+    for r in range(world):
+        size, off = Shard.local_shard_size_and_offset(n, world, r)
+        size = max(0, min(int(size), n - int(off)))
+        layout.append((size, int(off)))
+    me = dist.get_rank(value.device_mesh.get_group())
+    if value.to_local().shape[0] != layout[me][0]:
+        raise RuntimeError(f"unexpected FSDP2 shard: {tuple(value.to_local().shape)} on rank {me}, "
+                           f"expected {layout[me][0]} rows of {tuple(value.shape)}")
+    return layout
+
+
+def gathered_weights(module, *, bucket_bytes: int = SYNC_BUCKET_BYTES):
+    """Yield `(name, first_row, rows)` pieces that together make every entry of `module.state_dict()`
+    in full (names canonical: no `hf.` prefix, no checkpoint wrapper): `full[name][first_row:first_row
+    + len(rows)] = rows` (a 0-dim entry comes whole with first_row 0). Every rank must consume the
+    whole stream (it runs collectives). Pieces are views into a reused buffer: copy them before
+    asking for the next one.
+
+    Dim-0-sharded DTensors (FSDP2) are gathered in buckets: each rank contributes row ranges of its
+    local shards to one flat buffer (a tensor too large for a bucket is split by rows) and one
+    all-gather fills `world` such buffers, so the extra memory is `bucket_bytes` (+1/world) whatever
+    the model's size. Other DTensors are gathered whole (`full_tensor`), plain tensors are local."""
+    enabled = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if enabled else 1
+    pending: list[tuple] = []     # (name, local shard, layout, first local row, rows, slot offset)
+    used = 0                      # elements per rank in the current bucket
+    key = None                    # (dtype, device) of the current bucket
+    cap = 0                       # elements per rank of a bucket of that dtype
+    buffers: dict = {}            # one send and one receive buffer, reused by every bucket
+
+    def flush():
+        nonlocal pending, used
+        if not pending:
+            return
+        if key not in buffers:
+            buffers.clear()
+            buffers[key] = (torch.empty(cap, dtype=key[0], device=key[1]),
+                            torch.empty(world * cap, dtype=key[0], device=key[1]))
+        send, recv = buffers[key]
+        send, recv = send.narrow(0, 0, used), recv.narrow(0, 0, world * used)
+        me = dist.get_rank()
+        for name, local, layout, o, k, slot in pending:
+            rest = local.shape[1:]
+            have = max(0, min(k, layout[me][0] - o))
+            if have:
+                send.narrow(0, slot, have * math.prod(rest)).view(have, *rest).copy_(local.narrow(0, o, have))
+        _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        _all_gather(recv, send)
+        items = pending
+        pending, used = [], 0
+        for name, local, layout, o, k, slot in items:
+            rest = local.shape[1:]
+            row = math.prod(rest)
+            for r, (n_r, off_r) in enumerate(layout):
+                have = max(0, min(k, n_r - o))
+                if have:
+                    piece = recv.narrow(0, r * (recv.numel() // world) + slot, have * row)
+                    yield name, off_r + o, piece.view(have, *rest)
+
+    for raw, value in module.state_dict().items():
+        name = canonical_name(raw)
+        layout = _row_layout(value, world) if enabled else None
+        if layout is None:
+            if hasattr(value, "full_tensor"):
+                yield from flush()
+                value = value.full_tensor()
+            yield name, 0, value.detach()
+            continue
+        local = value.to_local().detach()
+        row = math.prod(value.shape[1:])
+        if key != (local.dtype, local.device) or row > cap:
+            yield from flush()
+            key = (local.dtype, local.device)
+            cap = max(row, bucket_bytes // (world * local.element_size()))   # elements per rank, >= 1 row
+            buffers.clear()
+        rows_per_rank = max(n for n, _ in layout)
+        o = 0
+        while o < rows_per_rank:
+            room = (cap - used) // row
+            if room <= 0:
+                yield from flush()
+                continue
+            k = min(room, rows_per_rank - o)
+            pending.append((name, local, layout, o, k, used))
+            used += k * row
+            o += k
+    yield from flush()
+
+
+@torch.no_grad()
+def copy_gathered_weights(module, targets: dict[str, torch.Tensor] | None, *,
+                          bucket_bytes: int = SYNC_BUCKET_BYTES) -> None:
+    """Gather `module`'s full weights piece by piece (`gathered_weights`) into `targets` (name ->
+    tensor of the full shape, e.g. another model's `state_dict(keep_vars=True)`); every target must
+    be filled and every name known. `targets=None`: only take part in the collectives (ranks that
+    keep no copy)."""
+    seen = set()
+    for name, first, rows in gathered_weights(module, bucket_bytes=bucket_bytes):
+        if targets is None:
+            continue
+        t = targets.get(name)
+        if t is None:
+            raise KeyError(f"weight {name} has no counterpart in the target model")
+        t = t.data if isinstance(t, torch.nn.Parameter) else t
+        (t.narrow(0, first, rows.shape[0]) if rows.dim() else t).copy_(rows)
+        seen.add(name)
+    if targets is not None and set(targets) - seen:
+        raise KeyError(f"weights missing from the source model: {sorted(set(targets) - seen)[:5]}")
+
+
+def export_hf(policy, processor, out_dir: str | Path, d: Dist, *,
+              bucket_bytes: int = SYNC_BUCKET_BYTES) -> Path | None:
+    """Gather the full weights (all ranks take part, bucket by bucket) into a fresh unsharded copy
+    of the architecture on rank 0's CPU, which rank 0 writes as a Hugging Face folder."""
     out = Path(out_dir)
+    hf = policy.hf if hasattr(policy, "hf") else policy
+    fresh = None
     if d.main:
-        hf = policy.hf if hasattr(policy, "hf") else policy
         out.mkdir(parents=True, exist_ok=True)
-        # A fresh unsharded copy of the architecture receives the gathered weights.
-        fresh = type(hf)(hf.config)
-        missing, unexpected = fresh.load_state_dict(sd, strict=False)
-        if unexpected or [m for m in missing if "lm_head" not in m or not hf.config.tie_word_embeddings]:
-            raise RuntimeError(f"export: missing {missing[:5]} unexpected {unexpected[:5]}")
+        with torch.device("meta"):
+            fresh = type(hf)(hf.config)
+        fresh.to_empty(device="cpu")
+        copy_nonpersistent_buffers(fresh, hf)
+    copy_gathered_weights(policy, fresh.state_dict(keep_vars=True) if fresh is not None else None,
+                          bucket_bytes=bucket_bytes)
+    if d.main:
         fresh.generation_config = hf.generation_config
         fresh.save_pretrained(out, safe_serialization=True)
         processor.save_pretrained(out)
