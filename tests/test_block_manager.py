@@ -536,9 +536,14 @@ _OPS = ["allocate", "append", "append_blocks_needed", "fork", "fork_at", "free",
         "unpin", "slots", "num_tokens", "block_table", "has_sequence", "is_pinned"]
 
 
+# A pool size the machine can actually allocate but not afford (2**31 blocks: a 17 GB Python list)
+# would test the CI machine's memory, not the backends: pool sizes are small or unallocatable.
+_POOL = _HOSTILE.filter(lambda v: not (isinstance(v, int) and not isinstance(v, bool) and 4096 < v < 2**36))
+
+
 @pytest.mark.skipif(not bmod.HAS_C, reason="axpo._C not built")
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(shape=st.tuples(_HOSTILE, _HOSTILE),
+@given(shape=st.tuples(_POOL, _HOSTILE),
        ops=st.lists(st.tuples(st.sampled_from(_OPS), st.one_of(st.integers(0, 20), _HOSTILE),
                               _HOSTILE, _HOSTILE), max_size=40))
 def test_backends_identical_on_hostile_values(shape, ops):
