@@ -1,7 +1,9 @@
 """The run: copy pre-training -> SFT on demonstrations -> evaluation -> RL (AXPO or GRPO) -> evaluation -> export.
 
 Each rank holds an FSDP2 shard of the policy for training and a full copy inside its rollout
-engine; after every optimiser step the engine receives the gathered weights. Each rank rolls out
+engine; after every optimiser step the engine receives the gathered weights, bucket by bucket
+(`sync_bucket_bytes`), copied in place. Loading: rank 0 alone reads the weights; the other ranks
+build the model on the meta device and receive their shards (axpo/models.py). Each rank rolls out
 its share of the step's questions (whole groups, so AXPO's trigger and budget are rank-local).
 
 Determinism: the questions of a step, the demonstrations of an SFT step and every sampling seed are
@@ -30,17 +32,19 @@ from axpo.agent.loop import AgentLoop
 from axpo.algo.credit import assign
 from axpo.algo.resample import expand, new_tokens, reduce_diagnostics
 from axpo.batching import micro_batches
-from axpo.checkpoint import DCP_METADATA, Checkpointer, export_hf, load_model_weights
+from axpo.checkpoint import (DCP_METADATA, SYNC_BUCKET_BYTES, Checkpointer, copy_gathered_weights, export_hf,
+                             load_model_weights)
 from axpo.config import Config, StageConfig, load_config, to_dict
 from axpo.eval import evaluate
 from axpo.metrics import MetricsLogger, plot_run, write_summary
-from axpo.models import load_model_and_processor
+from axpo.models import (canonical_name, load_full_weights, load_on_rank0, materialize, release_storage,
+                         restore_storage)
 from axpo.policy import PolicyModel, pack
 from axpo.pretrain import CopySequences, copy_accuracy
 from axpo.rollout.engine import Engine
 from axpo.sft import encode_demo
 from axpo.sources import build_sources
-from axpo.update import optimizer_step, policy_update
+from axpo.update import optimizer_step, policy_update, supervised_loss, supervised_mask
 
 PRETRAIN_EVAL_EVERY = 250  # pre-training steps between held-out copy-accuracy measurements
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,20 +108,34 @@ class Trainer:
         if cfg.rollout.engine != "builtin":
             raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: only the built-in engine exists so far")
         dtype = DTYPES[cfg.model.dtype]
-        model, self.processor = load_model_and_processor(
-            cfg.model.name, seed=cfg.trainer.seed, tiny=cfg.model.tiny, dtype=dtype,
+        self._dtype = dtype
+        # Rank 0 alone reads the weights (one full CPU copy); every rank builds the architecture
+        # on the meta device, shards it and allocates only its shards, which rank 0 fills.
+        full, skeleton, self.processor = load_on_rank0(
+            cfg.model.name, self.d, seed=cfg.trainer.seed, tiny=cfg.model.tiny, dtype=dtype,
             attn_implementation=None if cfg.model.name == "tiny" else cfg.model.attn_implementation)
-        model.to(self.d.device)
+        self._skeleton = copy.deepcopy(skeleton)   # meta, unwrapped: the reference policy is built from it
         self.fmt = AgentFormat(self.processor)
         self.src = build_sources(cfg, self.fmt, tools=tools, reward=reward)
-        # The engine decodes with its own full copy of the weights; training uses the shards.
-        self.engine = Engine(copy.deepcopy(model).eval(), block_size=cfg.rollout.block_size,
+        # The engine decodes with its own full copy of the weights: rank 0's loaded model; the
+        # other ranks' copies are allocated from the skeleton and filled by the first sync.
+        engine_model = full if full is not None else copy.deepcopy(skeleton)
+        if full is not None:
+            full.to(self.d.device)   # broadcast from device tensors (no host copy per tensor)
+        if cfg.model.freeze_vision:
+            skeleton.model.visual.requires_grad_(False)
+        self.policy = distributed.shard(PolicyModel(skeleton), self.d, mixed_precision=dtype == torch.float32,
+                                        activation_checkpointing=cfg.model.activation_checkpointing)
+        materialize(self.policy, self.d.device)
+        load_full_weights(self.policy, full, self.d)
+        if full is None:
+            materialize(engine_model, self.d.device, buffers_from=self.policy)
+        del full
+        self.engine = Engine(engine_model.eval(), block_size=cfg.rollout.block_size,
                              max_kv_tokens=cfg.rollout.max_kv_tokens, device=self.d.device)
         self.loop = AgentLoop(self.engine, self.fmt, self.src.tools, cfg.rollout, seed=cfg.trainer.seed)
-        if cfg.model.freeze_vision:
-            model.model.visual.requires_grad_(False)
-        self.policy = distributed.shard(PolicyModel(model), self.d, mixed_precision=dtype == torch.float32,
-                                        activation_checkpointing=cfg.model.activation_checkpointing)
+        if self.d.enabled:
+            self.sync_engine()   # the other ranks' engine copies hold no weights yet
         self.log = MetricsLogger(self.run_dir, enabled=self.d.main and not for_eval,
                                  tensorboard=cfg.trainer.tensorboard, wandb=cfg.trainer.wandb and not for_eval,
                                  config=to_dict(cfg), resume=cfg.trainer.resume)
@@ -141,26 +159,50 @@ class Trainer:
         warm = max(1, o.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
 
+    # Bytes per all-gather bucket of the engine sync and the export: the peak extra memory of both.
+    sync_bucket_bytes = SYNC_BUCKET_BYTES
+
+    _engine_released: list | None = None
+
+    def release_engine_weights(self) -> None:
+        """Free the engine's weight copy while it is not needed (e.g. during the policy update):
+        the memory goes back to the allocator for training; the next `sync_engine` reallocates
+        and refills it. The engine must not run in between."""
+        if self._engine_released is None:
+            self._engine_released = release_storage(self.engine.model)
+
+    @torch.no_grad()
     def sync_engine(self) -> None:
-        self.engine.load_weights(distributed.full_state_dict(self.policy))
+        """The policy's weights into the engine's copy, gathered bucket by bucket and copied in
+        place (no full state dict on any rank); then the engine marks its sequences stale."""
+        model = self.engine.model
+        if self._engine_released is not None:
+            restore_storage(self._engine_released)
+            self._engine_released = None
+        copy_gathered_weights(self.policy, model.state_dict(keep_vars=True), bucket_bytes=self.sync_bucket_bytes)
+        # The weights are in place already; load_weights of the model itself copies each tensor
+        # onto itself (a no-op) and bumps the engine's weights version, dropping cached logits.
+        self.engine.load_weights(model)
 
     def load_policy(self, path: str) -> None:
         """A DCP checkpoint folder or a Hugging Face folder, into the policy and the engine."""
         _check_checkpoint_path(path)
         p = Path(path)
         if (p / "config.json").exists():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-            from transformers import AutoModelForImageTextToText
-
-            hf = AutoModelForImageTextToText.from_pretrained(str(p))
-            # Full tensors with the policy's names; torch distributes them into the local shards.
-            names = {k.replace("_checkpoint_wrapped_module.", "")[len("hf."):]: k
-                     for k in self.policy.state_dict()}
-            sd = {names[k]: v for k, v in hf.state_dict().items() if k in names}
-            set_model_state_dict(self.policy, sd, options=StateDictOptions(full_state_dict=True))
+            self._load_hf_folder(self.policy, p)
         else:
             load_model_weights(self.policy, p)
         self.sync_engine()
+
+    def _load_hf_folder(self, policy, path: Path) -> None:
+        """A Hugging Face folder into a sharded policy: read on rank 0 only, broadcast tensor by
+        tensor (each rank keeps its shard)."""
+        full = None
+        if self.d.main:
+            from transformers import AutoModelForImageTextToText
+
+            full = AutoModelForImageTextToText.from_pretrained(str(path), dtype=self._dtype)
+        load_full_weights(policy, full, self.d, buffers=False)
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -214,7 +256,7 @@ class Trainer:
         self.sync_engine()
         evals["after_rl"] = self.evaluate("after_rl")
         self._save_evals(evals)
-        export_hf(self.policy, self.processor, self.run_dir / "hf", self.d)
+        export_hf(self.policy, self.processor, self.run_dir / "hf", self.d, bucket_bytes=self.sync_bucket_bytes)
         if self.d.main:
             if cfg.trainer.plots:
                 for name in ("pretrain", "sft", "rl"):
@@ -270,13 +312,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for mb, real in distributed.even_batches(micro_batches([len(r["tokens"]) for r in rows], budget), d):
-            batch = pack([rows[i] for i in mb], self.fmt.pad, self.fmt.image_pad, mb)
+            batch = pack([rows[i] for i in mb], self.fmt.pad, self.fmt.image_pad, mb, device=d.device)
             logp, _ = self.policy(batch, return_entropy=False)
-            mask = torch.zeros_like(logp)
-            for r, i in enumerate(mb):
-                m = torch.tensor(masks[i][1:], dtype=logp.dtype)
-                mask[r, :m.numel()] = m * float(real)
-            loss = -(logp * mask).sum() / max(1.0, g_tok)
+            mask = supervised_mask(masks, mb, real, batch.input_ids.shape[1], dtype=logp.dtype, device=logp.device)
+            loss = supervised_loss(logp, mask, g_tok)
             (loss * d.world).backward()   # FSDP averages gradients over ranks
             total += float(loss.detach())
         loss_all, norm, skipped = optimizer_step(self.policy, self.optimizer, total, self.cfg.optim.grad_clip, d)
@@ -331,22 +370,29 @@ class Trainer:
 
     def _reference_policy(self) -> PolicyModel:
         """The frozen policy of the KL term: the weights RL started from (`init_from`, else the
-        final SFT checkpoint, else the current weights), so a resumed run uses the same one. A
-        full copy per rank: fine for small models; shard it like the policy for large ones."""
-        ref = PolicyModel(copy.deepcopy(self.engine.model)).eval()
+        final SFT checkpoint, else the current weights), so a resumed run uses the same one.
+        Sharded like the policy (same units and compute dtype), built from the meta skeleton."""
+        d = self.d
+        ref = distributed.shard(PolicyModel(copy.deepcopy(self._skeleton)), d,
+                                mixed_precision=self._dtype == torch.float32, activation_checkpointing=False)
+        materialize(ref, d.device, buffers_from=self.policy)
         src = self.cfg.trainer.init_from
         if src is None:
             done = sorted(self.ckpt.root.glob("step_sft_*"))
             src = str(done[-1]) if done else None
         if src is not None and (Path(src) / "config.json").exists():
-            from transformers import AutoModelForImageTextToText
-
-            ref.hf.load_state_dict(AutoModelForImageTextToText.from_pretrained(src).state_dict())
+            self._load_hf_folder(ref, Path(src))
         elif src is not None:
             load_model_weights(ref, src)
+        else:   # the current weights: the same shards on the same ranks, copied locally
+            with torch.no_grad():
+                mine = {canonical_name(k): v for k, v in self.policy.state_dict().items()}
+                for k, v in ref.state_dict().items():
+                    w = mine[canonical_name(k)]
+                    (v.to_local() if hasattr(v, "to_local") else v).copy_(w.to_local() if hasattr(w, "to_local") else w)
         for p in ref.parameters():
             p.requires_grad_(False)
-        return ref
+        return ref.eval()
 
     def rl(self, start: int) -> None:
         cfg, d = self.cfg, self.d
