@@ -41,8 +41,10 @@ from .policy_loss import _AGGS, N_PARTIALS, _loss_torch, _row_scale, policy_loss
 # Workspace for one logits chunk (the only [chunk, V] buffer: dlogits are written in place).
 # CPU: the memory target is an incremental peak of at most 0.6x Liger's fused GRPO loss, whose
 # peak is dW (fp32 [V, H]) plus ~0.7 GiB at N=4096, H=1024, V=151936; ours is dW plus this
-# workspace plus ~20 MiB, so 160 MiB (276 tokens at V=151936 fp32). See benchmarks/bench_kernels.py.
-_DEFAULT_WORKSPACE_MIB = {"cpu": 160, "cuda": 1024}
+# workspace plus ~20 MiB. Measured (benchmarks/bench_kernels.py, AMD EPYC, 1 thread, CPU clock):
+# 160 MiB (276 tokens) gave 1.09x the 3-GEMM floor at a peak of 0.59x Liger's; 144 MiB (248 tokens)
+# keeps a margin under 0.6x.
+_DEFAULT_WORKSPACE_MIB = {"cpu": 144, "cuda": 1024}
 # Rows per block of the CPU epilogue: a block's exponentials and a scratch copy stay in cache.
 ROW_BLOCK_ELEMS = _SCRATCH_ELEMS
 
@@ -52,7 +54,8 @@ def _torch_epilogue(buf, tgt, old, adv, mask, ref, row_scale, inv_t, clip_low, c
     """fp32 logits chunk `buf` [n, V] -> (logp [n], entropy [n] or None, parts [5]); with `grad`
     `buf` becomes dlogits of the chunk's loss in place. The math of logprob_entropy.py relative to
     the row max (z' = z / T - m, e = exp(z'), s = sum e, t = sum e z'), then
-    logp = z'_y - log s, H = log s - t / s, and dz = (g / T) (1[j = y] - e / s), g = dloss/dlogp."""
+    logp = z'_y - log s, H = log s - t / s, and dz = (g / T) (1[j = y] - e / s), g = dloss/dlogp.
+    `scratch` [rows, V] fp32 (rows >= 2 when `want_ent` and one row per block)."""
     n, V = buf.shape
     dev = buf.device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -63,24 +66,45 @@ def _torch_epilogue(buf, tgt, old, adv, mask, ref, row_scale, inv_t, clip_low, c
     zy = torch.empty(n, 1, **f32)
     s = torch.empty(n, **f32)
     t = torch.empty(n, **f32) if want_ent else None
-    rows = scratch.shape[0]
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        z = buf[r0:r1]
-        if inv_t != 1.0:
-            z.mul_(inv_t)
-        torch.amax(z, 1, keepdim=True, out=m[r0:r1])
-        torch.gather(z, 1, tgt_c[r0:r1], out=zy[r0:r1])
-        if want_ent:
-            d = scratch[: r1 - r0]
-            torch.sub(z, m[r0:r1], out=d)
+    rows = max(1, ROW_BLOCK_ELEMS // max(V, 1))
+    if want_ent and rows == 1:
+        # One row per block (V > ROW_BLOCK_ELEMS / 2, e.g. every LLM vocabulary): scratch rows are
+        # [ones; d], so one GEMV with e gives s and t together, one read of e instead of a sum and
+        # a dot product that materialises e * d (measured 490 vs 560 us per 151936-wide row).
+        ones_d = scratch.narrow(0, 0, 2)
+        ones_d.select(0, 0).fill_(1.0)
+        d = ones_d.narrow(0, 1, 1)
+        st = torch.empty(n, 2, **f32)
+        for r in range(n):
+            z = buf.narrow(0, r, 1)
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            torch.amax(z, 1, keepdim=True, out=m[r : r + 1])
+            torch.gather(z, 1, tgt_c[r : r + 1], out=zy[r : r + 1])
+            torch.sub(z, m[r : r + 1], out=d)
             d.clamp_(min=_CLAMP)  # exp() is 0 below it anyway; keeps 0 * (-inf) out of t
             torch.exp(d, out=z)
-            torch.sum(z, 1, out=s[r0:r1])
-            torch.linalg.vecdot(z, d, out=t[r0:r1])
-        else:
-            z.sub_(m[r0:r1]).exp_()
-            torch.sum(z, 1, out=s[r0:r1])
+            torch.mv(ones_d, z[0], out=st[r])
+        s.copy_(st[:, 0])
+        t.copy_(st[:, 1])
+    else:
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            z = buf[r0:r1]
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            torch.amax(z, 1, keepdim=True, out=m[r0:r1])
+            torch.gather(z, 1, tgt_c[r0:r1], out=zy[r0:r1])
+            if want_ent:
+                d = scratch[: r1 - r0]
+                torch.sub(z, m[r0:r1], out=d)
+                d.clamp_(min=_CLAMP)
+                torch.exp(d, out=z)
+                torch.sum(z, 1, out=s[r0:r1])
+                torch.linalg.vecdot(z, d, out=t[r0:r1])
+            else:
+                z.sub_(m[r0:r1]).exp_()
+                torch.sum(z, 1, out=s[r0:r1])
     log_s = torch.log(s)
     zero = torch.zeros((), **f32)
     logp = torch.where(valid, zy.squeeze(1) - m.squeeze(1) - log_s, zero)
@@ -97,6 +121,11 @@ def _torch_epilogue(buf, tgt, old, adv, mask, ref, row_scale, inv_t, clip_low, c
         if bool(bad.any()):
             buf.index_fill_(0, bad.nonzero().squeeze(1), 0.0)
     return logp, ent, parts
+
+
+def epilogue_scratch(V, device):
+    """The [rows, V] fp32 scratch of `_torch_epilogue` (2 rows when one row is one block)."""
+    return torch.empty(max(2, ROW_BLOCK_ELEMS // max(V, 1)), V, device=device, dtype=torch.float32)
 
 
 def _generic_epilogue(buf, tgt, old, adv, mask, ref, row_scale, inv_t, clip_low, clip_high, beta, want_ent, grad):
@@ -130,7 +159,7 @@ def _forward(hidden, weight, bias, targets, old, adv, mask, ref, row_scale, inv_
     db = torch.zeros(V if has_b else 0, device=dev, dtype=torch.float32)
     ws = empty(min(chunk, max(N, 1)), V, device=dev, dtype=dt)
     fast = dt == torch.float32 and backend_for(hidden) == "torch"
-    scratch = torch.empty(max(1, ROW_BLOCK_ELEMS // max(V, 1)), V, device=dev, dtype=torch.float32) if fast else None
+    scratch = epilogue_scratch(V, dev) if fast else None
     for i, c0 in enumerate(range(0, N, chunk)):
         c1 = min(N, c0 + chunk)
         x = hidden[c0:c1]
@@ -269,7 +298,7 @@ def linear_policy_loss(
         advantages: per sequence `[...]` or per token `[..., T]`.
         clip_low, clip_high, ref_logp, beta, agg, normalizer: as in `clipped_policy_loss`.
         return_entropy: compute the entropy for logging (`stats["entropy"]`).
-        chunk_tokens: tokens per chunk; default from a workspace budget (160 MiB on CPU, 1 GiB on
+        chunk_tokens: tokens per chunk; default from a workspace budget (144 MiB on CPU, 1 GiB on
             CUDA; `AXPO_LM_HEAD_WORKSPACE_MB` overrides).
 
     Returns:

@@ -137,3 +137,12 @@ def test_input_validation():
         linear_policy_loss(h, w, t, old, adv, mask, agg="sum")
     with pytest.raises(ValueError):
         linear_policy_loss(h, w, t, old[:, :-1], adv, mask)
+
+
+@pytest.mark.parametrize("return_entropy", [True, False])
+def test_one_row_blocks_path_small_vocab(return_entropy, monkeypatch):
+    """The epilogue's one-row-per-block branch (taken for V > 131072) at a small V."""
+    lpl = importlib.import_module("axpo.kernels.linear_policy_loss")
+    monkeypatch.setattr(lpl, "ROW_BLOCK_ELEMS", 1)
+    check_linear_policy_loss(2, 7, 16, 2053, torch.float32, bias=True, temperature=0.7, beta=0.04, with_ref=True,
+                             chunk_tokens=4, masked_targets=(3,), return_entropy=return_entropy)
