@@ -21,9 +21,11 @@ schema in the prompt; AXPO mode (`algo.axpo=true`) also allows a second turn so 
 from failed tool calls. Each framework lives in its own worker process (its own peak RSS); the
 parent alternates them step by step (TRL step i, AXPO step i, AXPO-mode step i, ...), so machine
 noise hits both alike. Reported: medians over steps 2..N (step 1 is warm-up) of step, generation
-and update time (update = step - generation), generated tokens per step, each worker's peak RSS
-(VmHWM, whole process) and the per-step ratio AXPO / TRL. Rows go to
-benchmarks/results/bench_trainer.jsonl.
+and update time (update = step - generation), wall clock and the worker's CPU time (on a machine
+shared with other jobs, CPU time at 1 thread is the steadier measure of work), generated tokens
+per step, each worker's peak RSS (VmHWM, whole process) and the per-step ratios AXPO / TRL. With
+`--root-b DIR`, modes grpo_b / axpo_b run the trainer of another checkout (e.g. the engine before
+a change) in the same alternation. Rows go to benchmarks/results/bench_trainer.jsonl.
 
 TRL is optional (`pip install trl`); without it only the AXPO rows are measured, and the script
 says so.
@@ -119,19 +121,39 @@ def _axpo_trainer(axpo_mode: bool, prompt: str, out_dir: str, steps: int):
         fmt.prompt = lambda question, images, tools, system=None: fmt.encode(question, images)
     captured = {}
     log = tr.log.log
+    # CPU time of generation (base rollouts + AXPO's expand), next to the trainer's wall rollout_time.
+    import axpo.trainer as trainer_mod
+
+    def cpu_timed(fn):
+        def wrapper(*a, **k):
+            c = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                captured["gen_cpu"] = captured.get("gen_cpu", 0.0) + time.process_time() - c
+        return wrapper
+
+    tr.loop.rollout = cpu_timed(tr.loop.rollout)
+    trainer_mod.expand = cpu_timed(trainer_mod.expand)
 
     def capture(stage, step, metrics):
         captured.update(metrics)
         return log(stage, step, metrics)
 
     tr.log.log = capture
+    tr._checkpoint = lambda *a, **k: None    # no checkpoint saving in a timed step (TRL: save_strategy="no")
     tr._make_optimizer(cfg.rl)
     tr.sync_engine()
     return tr, captured
 
 
-def axpo_worker(conn, axpo_mode: bool, prompt: str, steps: int, threads: int):
+def axpo_worker(conn, axpo_mode: bool, prompt: str, steps: int, threads: int, root: str | None = None):
     try:
+        sys.stderr = open(os.devnull, "w")        # the trainer's progress bars; errors go through the pipe
+        if root:                                  # another checkout's axpo (e.g. the engine before a change)
+            sys.path.insert(0, root)
+            for m in [m for m in sys.modules if m == "axpo" or m.startswith("axpo.")]:
+                del sys.modules[m]
         _threads(threads)
         with tempfile.TemporaryDirectory() as d:
             tr, captured = _axpo_trainer(axpo_mode, prompt, d, steps)
@@ -141,10 +163,14 @@ def axpo_worker(conn, axpo_mode: bool, prompt: str, steps: int, threads: int):
                     break
                 captured.clear()
                 tr.cfg.rl.steps = step + 1                     # rl(start) runs steps [start, rl.steps)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 tr.rl(step)
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                import axpo
+
                 conn.send(("step", dict(step_s=dt, gen_s=captured["rollout_time"], upd_s=dt - captured["rollout_time"],
+                                        step_cpu_s=dc, gen_cpu_s=captured["gen_cpu"], upd_cpu_s=dc - captured["gen_cpu"],
+                                        root=os.path.dirname(os.path.dirname(axpo.__file__)),
                                         tokens=captured["rollout_tokens"], extra=captured.get("extra_rollouts", 0),
                                         peak_rss=_peak_rss_bytes())))
     except Exception:
@@ -177,13 +203,14 @@ def trl_worker(conn, prompt: str, steps: int, threads: int):
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
             return [reward_text(t, a) for t, a in zip(texts, answer)]
 
-        state = {"gen": 0.0, "tokens": 0}
+        state = {"gen": 0.0, "gen_cpu": 0.0, "tokens": 0}
 
         class Timed(GRPOTrainer):
             def _generate(self, prompts):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = super()._generate(prompts)
                 state["gen"] += time.perf_counter() - t0
+                state["gen_cpu"] += time.process_time() - c0
                 state["tokens"] += sum(len(c) for c in out[1])
                 return out
 
@@ -191,12 +218,13 @@ def trl_worker(conn, prompt: str, steps: int, threads: int):
             def on_step_begin(self, args, st, control, **kw):
                 if conn.recv() != "go":
                     raise SystemExit(0)
-                state.update(gen=0.0, tokens=0, t0=time.perf_counter())
+                state.update(gen=0.0, gen_cpu=0.0, tokens=0, t0=time.perf_counter(), c0=time.process_time())
 
             def on_step_end(self, args, st, control, **kw):
-                dt = time.perf_counter() - state["t0"]
-                conn.send(("step", dict(step_s=dt, gen_s=state["gen"], upd_s=dt - state["gen"], tokens=state["tokens"],
-                                        extra=0, peak_rss=_peak_rss_bytes())))
+                dt, dc = time.perf_counter() - state["t0"], time.process_time() - state["c0"]
+                conn.send(("step", dict(step_s=dt, gen_s=state["gen"], upd_s=dt - state["gen"], step_cpu_s=dc,
+                                        gen_cpu_s=state["gen_cpu"], upd_cpu_s=dc - state["gen_cpu"],
+                                        tokens=state["tokens"], extra=0, peak_rss=_peak_rss_bytes())))
 
         with tempfile.TemporaryDirectory() as d:
             args = GRPOConfig(
@@ -210,7 +238,6 @@ def trl_worker(conn, prompt: str, steps: int, threads: int):
                             callbacks=[Step()])
             conn.send(("ready", _peak_rss_bytes()))
             trainer.train()
-            torch.set_num_threads(threads)
     except SystemExit:
         pass
     except Exception:
@@ -263,7 +290,9 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", choices=["chat", "raw"], default="chat")
-    ap.add_argument("--modes", default="trl,grpo,axpo", help="comma list of trl, grpo, axpo")
+    ap.add_argument("--modes", default="trl,grpo,axpo", help="comma list of trl, grpo, axpo (and grpo_b, axpo_b)")
+    ap.add_argument("--root-b", default=None, help="checkout whose axpo the grpo_b/axpo_b workers run "
+                    "(e.g. a worktree with the previous engine), for an A/B of two versions in one invocation")
     ap.add_argument("--profile", action="store_true", help="cProfile AXPO steps in-process (no TRL)")
     ap.add_argument("--axpo-mode", action="store_true", help="with --profile: algo.axpo=true")
     ap.add_argument("--no-save", action="store_true")
@@ -286,19 +315,28 @@ def main():
         if m == "trl":
             workers[m] = _start(ctx, trl_worker, args.prompt, args.steps, args.threads)
         else:
-            workers[m] = _start(ctx, axpo_worker, m == "axpo", args.prompt, args.steps, args.threads)
+            root = args.root_b if m.endswith("_b") else None
+            if m.endswith("_b") and not root:
+                raise SystemExit(f"mode {m} needs --root-b")
+            workers[m] = _start(ctx, axpo_worker, m.startswith("axpo"), args.prompt, args.steps, args.threads, root)
     res = {m: [] for m in modes}
+    failed = {}
     for step in range(args.steps):
-        for m in modes:                       # alternate: every framework's step i before step i+1
+        for m in [m for m in modes if m not in failed]:   # alternate: every mode's step i before step i+1
             p, conn = workers[m]
             conn.send("go")
-            msg = conn.recv()
+            try:
+                msg = conn.recv()
+            except EOFError:
+                msg = ("error", f"worker exited (exit code {p.join(5) or p.exitcode})")
             if msg[0] == "error":
-                raise RuntimeError(f"{m} worker failed:\n{msg[1]}")
+                failed[m] = msg[1]
+                print(f"step {step + 1} {m}: worker FAILED, dropped from the comparison:\n{msg[1]}", flush=True)
+                continue
             res[m].append(msg[1])
             r = msg[1]
-            print(f"step {step + 1} {m:5s} {r['step_s']:.3f} s (gen {r['gen_s']:.3f}, upd {r['upd_s']:.3f}), "
-                  f"{r['tokens']} tokens", flush=True)
+            print(f"step {step + 1} {m:6s} {r['step_s']:.3f} s (gen {r['gen_s']:.3f}, upd {r['upd_s']:.3f}; CPU "
+                  f"{r['step_cpu_s']:.3f} s, gen {r['gen_cpu_s']:.3f}), {r['tokens']} tokens", flush=True)
     for p, conn in workers.values():
         try:
             conn.send("stop")
@@ -308,19 +346,32 @@ def main():
     env = dict(env_info(), threads_per_worker=args.threads)
     rows = []
     ref = res.get("trl")
-    names = {"trl": "trl_grpo", "grpo": "axpo_trainer_grpo", "axpo": "axpo_trainer_axpo_mode"}
+    names = {"trl": "trl_grpo", "grpo": "axpo_trainer_grpo", "axpo": "axpo_trainer_axpo_mode",
+             "grpo_b": "axpo_trainer_grpo_root_b", "axpo_b": "axpo_trainer_axpo_mode_root_b"}
     for m in modes:
+        if not res[m]:
+            continue
         xs = res[m][1:] if len(res[m]) > 1 else res[m]
         ratios = [a["step_s"] / b["step_s"] for a, b in zip(res[m][1:], ref[1:])] if ref and m != "trl" else []
+        if m in failed:
+            print(f"note: {m} failed after {len(res[m])} steps; its row covers those steps only")
         row = dict(bench="trainer_step", method=names[m], prompt=args.prompt, steps=args.steps,
                    median_step_s=_median([x["step_s"] for x in xs]), median_gen_s=_median([x["gen_s"] for x in xs]),
                    median_upd_s=_median([x["upd_s"] for x in xs]), median_tokens=_median([x["tokens"] for x in xs]),
+                   median_step_cpu_s=_median([x["step_cpu_s"] for x in xs]),
+                   median_gen_cpu_s=_median([x["gen_cpu_s"] for x in xs]),
+                   median_upd_cpu_s=_median([x["upd_cpu_s"] for x in xs]),
+                   cpu_ratio_vs_trl_per_pair=[round(a["step_cpu_s"] / b["step_cpu_s"], 3)
+                                              for a, b in zip(res[m][1:], ref[1:])] if ref and m != "trl" else [],
                    gen_us_per_token=1e6 * _median([x["gen_s"] / max(1, x["tokens"]) for x in xs]),
                    extra_rollouts=_median([x["extra"] for x in xs]),
                    peak_rss_gib=max(x["peak_rss"] for x in res[m]) / 2**30,
                    ratio_vs_trl_per_pair=[round(r, 3) for r in ratios], median_ratio_vs_trl=_median(ratios) if ratios else None,
                    step_s_all=[round(x["step_s"], 4) for x in res[m]], prompts_per_step=PER_STEP, group_size=G,
-                   max_new_tokens=NEW_TOKENS, model="tiny qwen3vl vocab 512", **env, timestamp=timestamp())
+                   max_new_tokens=NEW_TOKENS, model="tiny qwen3vl vocab 512", axpo_root=res[m][0].get("root"),
+                   failed=failed.get(m, "").strip().splitlines()[-1:] or None,
+                   **env, timestamp=timestamp())
+        row["cpu_ratio"] = _median(row["cpu_ratio_vs_trl_per_pair"]) if row["cpu_ratio_vs_trl_per_pair"] else None
         rows.append(row)
         if not args.no_save:
             append_row(os.path.join(RESULTS_DIR, OUT_NAME), row)
@@ -328,10 +379,13 @@ def main():
     print(format_table(rows, [("method", "method", None), ("median_step_s", "step s", "{:.3f}"),
                               ("median_gen_s", "gen s", "{:.3f}"), ("median_upd_s", "update s", "{:.3f}"),
                               ("median_tokens", "tokens", "{:.0f}"), ("gen_us_per_token", "gen us/tok", "{:.0f}"),
-                              ("peak_rss_gib", "peak RSS GiB", "{:.2f}"), ("median_ratio_vs_trl", "x TRL", "{:.2f}")]))
+                              ("peak_rss_gib", "peak RSS GiB", "{:.2f}"), ("median_ratio_vs_trl", "x TRL", "{:.2f}"),
+                              ("median_step_cpu_s", "step CPU s", "{:.3f}"), ("median_gen_cpu_s", "gen CPU s", "{:.3f}"),
+                              ("median_upd_cpu_s", "upd CPU s", "{:.3f}"), ("cpu_ratio", "x TRL CPU", "{:.2f}")]))
     for r in rows:
         if r["ratio_vs_trl_per_pair"]:
-            print(f"{r['method']}: per-pair step ratio vs TRL {r['ratio_vs_trl_per_pair']}")
+            print(f"{r['method']}: per-pair step ratio vs TRL, wall {r['ratio_vs_trl_per_pair']}, "
+                  f"CPU time {r['cpu_ratio_vs_trl_per_pair']}")
     print(f"\nmedians of steps 2..{args.steps}; {args.threads} threads per worker; {env['cpu']} x{env['cpu_count']}, "
           f"torch {env['torch']}")
 

@@ -521,3 +521,38 @@ def test_sampler_rows_do_not_depend_on_their_batch():
     assert got[1] == alone[1][:2]
     assert 3 not in got[0] and not {1, 2} & set(got[5])
     assert got[2] == logits[:, 2].argmax(-1).tolist()
+
+
+def test_partial_attention_merges_to_full_attention(monkeypatch):
+    """Two partial attentions over disjoint key sets, merged by log-sum-exp, equal attention over
+    all keys; the fused CPU kernel and the matmul path used on other devices agree."""
+    from axpo.rollout import attention as att
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 4, 16, generator=g)
+    k, v = torch.randn(3, 2, 7, 16, generator=g), torch.randn(3, 2, 7, 16, generator=g)
+    k2, v2 = torch.randn(3, 2, 9, 16, generator=g), torch.randn(3, 2, 9, 16, generator=g)
+    valid = torch.arange(9)[None, :] < torch.tensor([9, 5, 1])[:, None]
+    mask = att.float_mask(valid[:, None, None, :], torch.float32)
+    full_k, full_v = torch.cat([k, k2], 2), torch.cat([v, v2], 2)
+    full_mask = torch.cat([torch.zeros(3, 1, 1, 7), mask], -1)
+    want = att.decode_attention(q, full_k, full_v, full_mask, 0.25)
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(att, "_flash_cpu", lambda: None)
+        o1, l1 = att.partial_attention(q, k, v, None, 0.25)
+        o2, l2 = att.partial_attention(q, k2, v2, mask, 0.25)
+        torch.testing.assert_close(att.merge_lse(o1, l1, o2, l2), want, atol=1e-6, rtol=0)
+
+
+def test_cascade_decode_without_the_fused_kernel(tiny_model, monkeypatch):
+    """The cascade path as it runs off CPU (matmul partials instead of the fused kernel)."""
+    from axpo.rollout import attention as att
+
+    monkeypatch.setattr(att, "_flash_cpu", lambda: None)
+    eng = make_engine(tiny_model, cascade_min_tokens=1)
+    a = eng.add(rand_ids(19, seed=70))
+    kids = eng.fork(a, 3) + eng.fork_at(a, 11, 2)
+    outs = eng.generate(kids, SamplingParams(max_tokens=6, seed=3))
+    for s, start, o in zip(kids, [19, 19, 19, 11, 11], outs):
+        check_logprobs(tiny_model, eng, s, start, o)

@@ -263,7 +263,7 @@ class DecodeBatch:
                     shared_of[r] = shared
         rest = [n - s for n, s in zip(lengths, shared_of)]
         cap = max(rest) + capacity
-        self.dense_bytes = (b * cap + sum(s for _, s in casc)) * per_tok
+        self.dense_bytes = (b * cap + len(casc) * max((s for _, s in casc), default=0)) * per_tok
         if mode is None:
             mode = "dense" if max_bytes is None or self.dense_bytes <= max_bytes else "paged"
         if mode not in ("dense", "paged"):

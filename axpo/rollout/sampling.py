@@ -163,7 +163,8 @@ class Sampler:
             z_full = logits / pick(self.temps)[:, None]
         logp = torch.log_softmax(z_full.float(), -1)
         p = logp.exp()
-        ent = torch.special.entr(p).sum(-1)
+        plogp = p * logp
+        ent = -plogp.masked_fill_(p == 0, 0.0).sum(-1)      # 0 log 0 = 0 (a -inf logit gives p = 0)
         ban = None
         if self.ban_all is not None:
             ban = lambda t, fill: t.index_fill(1, self.ban_all, fill)  # noqa: E731
