@@ -7,6 +7,11 @@ match the model's own forward (tests/test_engine.py compares against it). Suppor
 (3-D M-RoPE, DeepStack) and Llama-style causal LMs whose layers are
 `x + attn(input_layernorm(x))`, `x + mlp(post_attention_layernorm(x))` (Llama, Qwen2, Qwen3, ...)
 without sliding-window attention.
+
+Decode of known layer types (standard RMSNorm, SiLU-gated MLP: Qwen3-VL, Qwen2/3, Llama, Mistral)
+calls the layers' parameter tensors through functional ops (`F.rms_norm`, `F.linear`) instead of
+the modules: the same math, without module dispatch, which at decode sizes costs as much as the
+arithmetic. Any other layer type takes the module path.
 """
 
 from __future__ import annotations
