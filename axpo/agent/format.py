@@ -124,6 +124,58 @@ class AgentFormat:
             raise AssertionError("image pads outside the trusted head")
         return Chunk(ids, head.pixel_values, head.grids, head.pad_spans)
 
+    def encode_parts(self, parts: list[tuple[str, bool]], images: list | None = None) -> Chunk:
+        """`encode_untrusted` for any number of untrusted pieces: `parts` is the rendered text in
+        order as (text, trusted); every image placeholder must be in trusted text. The text between
+        two added tokens of the trusted text is tokenised as plain text (`text_ids`) when it holds
+        any untrusted character, else as trusted text, so ordinary text gives exactly the ids of
+        `encode("".join(texts))` (the tokenizer splits at added tokens too)."""
+        images = list(images or [])
+        # Cut points: the [start, end) of every added-token spelling inside one trusted part.
+        pieces: list[tuple[str, bool]] = []   # (text, plain) between and at the cuts
+        run, run_plain = "", False
+        for text, trusted in parts:
+            if not text:
+                continue
+            if not trusted:
+                run, run_plain = run + text, True
+                continue
+            pos = 0
+            for m in self._added_tok.finditer(text):
+                run += text[pos:m.start()]
+                pieces.append((run, run_plain))
+                pieces.append((m.group(), False))
+                run, run_plain, pos = "", False, m.end()
+            run += text[pos:]
+        pieces.append((run, run_plain))
+        ids: list[int] = []
+        pixel_values, grids, spans = [], [], []
+        trusted_run = ""
+        n_img = 0
+
+        def flush() -> None:
+            nonlocal trusted_run, n_img
+            if trusted_run:
+                k = trusted_run.count(IMAGE_PLACEHOLDER)
+                c = self.encode(trusted_run, images[n_img:n_img + k])
+                spans.extend((len(ids) + s, len(ids) + e) for s, e in c.pad_spans)
+                ids.extend(c.ids)
+                pixel_values.extend(c.pixel_values)
+                grids.extend(c.grids)
+                n_img += k
+            trusted_run = ""
+
+        for text, plain in pieces:
+            if plain:
+                flush()
+                ids.extend(self.text_ids(text))
+            else:
+                trusted_run += text
+        flush()
+        if n_img != len(images):
+            raise ValueError(f"{n_img} image placeholders in trusted text for {len(images)} images")
+        return Chunk(ids, pixel_values, grids, spans)
+
     def prompt(self, question: str, images: list, tools: list[dict] | None, system: str | None = None) -> Chunk:
         """The rendered chat template up to the assistant's generation prompt. The question is
         untrusted text: its images come from `images` only."""
