@@ -147,7 +147,9 @@ class TrainerConfig:
     init_from: str | None = None              # start RL from these weights (DCP checkpoint or HF folder); skips pretrain and SFT
     evaluate: bool = True                     # Pass@k on held-out questions after SFT and after RL
     eval_samples: int = 4                     # n samples per question for Pass@k
-    log_every: int = 1
+    # Also evaluate every this many RL steps (0: only after SFT and after RL); the numbers go into
+    # that step's metrics row as eval/<name> and into evals.json as rl_step_<n>.
+    eval_every: int = 0
     # Steps whose loss or gradient norm is NaN/inf are skipped (weights untouched) and logged with
     # skipped=1; this many in a row stop the run with an error (0 = never stop).
     max_skipped_steps: int = 5

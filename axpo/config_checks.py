@@ -96,6 +96,7 @@ RULES: list[Rule] = [
     Rule("trainer.eval_samples", lambda c: c.trainer.eval_samples >= 1 or not c.trainer.evaluate,
          "must be >= 1 (samples per question for Pass@k)"),
     Rule("trainer.checkpoint_every", lambda c: c.trainer.checkpoint_every >= 0, "must be >= 0"),
+    Rule("trainer.eval_every", lambda c: c.trainer.eval_every >= 0, "must be >= 0 (0: no evaluation during RL)"),
 ]
 
 

@@ -228,6 +228,9 @@ class Trainer:
             if stage != "rl":
                 evals.pop("after_sft", None)
             evals.pop("after_rl", None)
+            for k in [k for k in evals if k.startswith("rl_step_")]:
+                if stage != "rl" or int(k[len("rl_step_"):]) > done:
+                    evals.pop(k)
             if self.d.main:
                 dropped = self.log.truncate_after(stage, done, keep_evals=[0] if "after_sft" in evals else [])
                 print(f"resumed from {path} ({stage} step {done})"
@@ -251,6 +254,7 @@ class Trainer:
         if "after_sft" not in evals:
             evals["after_sft"] = self.evaluate("after_sft")
             self._save_evals(evals)
+        self._evals = evals   # RL adds its periodic evaluations (trainer.eval_every)
         if done < cfg.rl.steps:
             self.rl(done)
         self.sync_engine()
@@ -268,7 +272,12 @@ class Trainer:
         if self.d.main:
             (self.run_dir / "evals.json").write_text(json.dumps(evals, indent=1))
 
-    def evaluate(self, name: str) -> dict:
+    _evals: dict | None = None   # evals.json's content while run() runs
+
+    def evaluate(self, name: str, *, log_row: bool = True) -> dict:
+        """Pass@k on the eval set with the engine's current weights. `log_row`: an `eval` row in
+        metrics.jsonl (after_sft: step 0, after_rl: step 1); periodic RL evaluations go into
+        their RL step's row instead."""
         if not self.cfg.trainer.evaluate:
             return {}
         t = time.time()
@@ -278,8 +287,22 @@ class Trainer:
         if self.d.main:
             print(f"eval {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in out.items()
                                                if isinstance(v, float)), flush=True)
-            self.log.log("eval", {"after_sft": 0, "after_rl": 1}.get(name, 2), out)
+            if log_row:
+                self.log.log("eval", {"after_sft": 0, "after_rl": 1}.get(name, 2), out)
         return out
+
+    def _periodic_eval(self, step: int, metrics: dict) -> None:
+        """`trainer.eval_every`: evaluate after RL step `step` (not the last: after_rl follows),
+        into the step's metrics as eval/<name> and into evals.json as rl_step_<step>. Evaluation
+        seeds are fixed (evaluate's `step`), so successive evaluations sample the same way."""
+        every = self.cfg.trainer.eval_every
+        if not (every > 0 and step % every == 0 and step < self.cfg.rl.steps and self.cfg.trainer.evaluate):
+            return
+        out = self.evaluate(f"rl_step_{step}", log_row=False)
+        metrics.update({f"eval/{k}": v for k, v in out.items()})
+        if self._evals is not None:
+            self._evals[f"rl_step_{step}"] = out
+            self._save_evals(self._evals)
 
     def _checkpoint(self, stage: str, step: int, total: int) -> None:
         every = getattr(self.cfg, stage).checkpoint_every
@@ -440,6 +463,7 @@ class Trainer:
                        "rollout_time": t_roll, "step_time": dt, "tokens_per_s": gen_tokens / dt,
                        "rollout_tokens": gen_tokens,
                        "tool_errors": tool_errors}
+            self._periodic_eval(step + 1, metrics)   # after the sync: the engine holds this step's weights
             self.log.log("rl", step + 1, metrics)
             self._check_skipped("rl", step + 1, metrics)
             self._checkpoint("rl", step + 1, cfg.rl.steps)

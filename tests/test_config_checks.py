@@ -36,6 +36,8 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
     ("data.tasks=[lockers2]", "data.tasks[0] = 'lockers2': unknown task; registered: perception"),
     ("data.train_file=/nonexistent.jsonl", "data.train_file = '/nonexistent.jsonl': no such file"),
     ("plugins=[missing_plugin.py]", "plugins = ['missing_plugin.py']: FileNotFoundError"),
+    ("trainer.eval_every=-1", "command line: trainer.eval_every = -1: must be >= 0 (0: no evaluation during RL)"),
+    ("trainer.log_every=1", "command line: unknown config key trainer.log_every"),   # removed: it did nothing
 ])
 def test_bad_values_are_errors_naming_field_and_source(override, message):
     if message is None:   # valid alone

@@ -35,13 +35,20 @@ def test_plugin_tool_and_reward_through_the_registries():
 
 
 def test_example_trains_end_to_end(tmp_path):
+    """The example's own config, plus an evaluation during RL (trainer.eval_every=1: after RL step
+    1; step 2 is the last, evaluated as after_rl)."""
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, str(ROOT / "axpo" / "train.py"), "--config", str(EXAMPLE / "config.yaml"),
-                        "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+                        "--output-dir", str(out), "trainer.eval_every=1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows if x["stage"] == "rl"] == [1, 2]
+    rl = [x for x in rows if x["stage"] == "rl"]
+    assert [x["step"] for x in rl] == [1, 2]
     evals = json.loads((out / "evals.json").read_text())
     assert "pass@1" in evals["after_rl"] and "tool_use_rate" in evals["after_rl"]
+    # The periodic evaluation: in evals.json and in RL step 1's metrics row, not in step 2's.
+    assert list(evals) == ["after_sft", "rl_step_1", "after_rl"]
+    assert rl[0]["eval/pass@1"] == evals["rl_step_1"]["pass@1"] and "eval/pass@1" not in rl[1]
+    assert len([x for x in rows if x["stage"] == "eval"]) == 2
     assert (out / "hf" / "model.safetensors").exists()
