@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import sys
-from collections import defaultdict
+from dataclasses import dataclass, field
 
 from axpo.agent.loop import AgentLoop
 from axpo.distributed import Dist, all_gather_objects
+from axpo.rollout_stats import RolloutCounts
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -26,16 +27,34 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+@dataclass
+class QuestionResult:
+    task: str
+    samples: int
+    correct: int
+
+
+@dataclass
+class EvalRecord:
+    """One rank's evaluation: per-question results (for Pass@k) and per-task rollout counts;
+    records of ranks are merged by concatenating and summing, then the numbers are formed."""
+    questions: list[QuestionResult] = field(default_factory=list)
+    by_task: dict[str, RolloutCounts] = field(default_factory=dict)
+
+    def merge(self, other: EvalRecord) -> EvalRecord:
+        by_task = dict(self.by_task)
+        for task, c in other.by_task.items():
+            by_task[task] = by_task.get(task, RolloutCounts()) + c
+        return EvalRecord(self.questions + other.questions, by_task)
+
+
 def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d: Dist | None = None,
              step: int = 10**6) -> dict:
     """Each rank evaluates its slice of `samples`; results are gathered so every rank returns the
     same numbers. `step` only seeds sampling (kept apart from training steps)."""
     d = d or Dist()
     mine = samples[d.rank::d.world]
-    per_q, calls, errors, used, total, truncated = [], 0, 0, 0, 0, 0
-    per_task = defaultdict(list)
-    # (task, used a tool) -> [rollouts, correct]: where the accuracy comes from.
-    split = defaultdict(lambda: [0, 0])
+    rec = EvalRecord()
     chunk = 8
     for i in range(0, len(mine), chunk):
         batch = mine[i:i + chunk]
@@ -43,51 +62,45 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
         loop.release(trajs)
         for j, s in enumerate(batch):
             ts = [t for t in trajs if t.group == i + j]
-            right = [reward_fn(t) > 0 for t in ts]
-            c = sum(right)
-            per_q.append((len(ts), c))
-            per_task[s.task].append((len(ts), c))
-            used += sum(t.used_tool for t in ts)
-            truncated += sum(t.truncated for t in ts)
-            total += len(ts)
-            calls += sum(len(t.tool_calls) for t in ts)
-            errors += sum(c2.error is not None for t in ts for c2 in t.tool_calls)
-            for t, ok in zip(ts, right):
-                cell = split[(s.task, bool(t.used_tool))]
-                cell[0] += 1
-                cell[1] += ok
-    parts = all_gather_objects((per_q, dict(per_task), calls, errors, used, total, dict(split), truncated), d)
-    per_q = [x for p in parts for x in p[0]]
-    per_task = defaultdict(list)
-    for p in parts:
-        for k, v in p[1].items():
-            per_task[k] += v
-    calls, errors, used, total = (sum(p[i] for p in parts) for i in range(2, 6))
+            rewards = [reward_fn(t) for t in ts]
+            counts = RolloutCounts.of(ts, rewards)
+            rec.questions.append(QuestionResult(s.task, counts.rollouts, counts.correct))
+            rec.by_task[s.task] = rec.by_task.get(s.task, RolloutCounts()) + counts
+    parts = all_gather_objects(rec, d)
+    rec = parts[0]
+    for p in parts[1:]:
+        rec = rec.merge(p)
+    return summarize(rec, n=n, ks=ks)
+
+
+def summarize(rec: EvalRecord, *, n: int, ks=(1, 4)) -> dict:
+    """The evaluation's numbers from a merged record. A rate over no rollouts (or no tool calls)
+    reads 0, as evals.json always had it; the split by tool use appears only where it has rollouts."""
     out = {}
     for k in ks:
         if n >= k:
-            out[f"pass@{k}"] = sum(pass_at_k(a, c, k) for a, c in per_q) / max(1, len(per_q))
-            for task, qs in per_task.items():
-                out[f"{task}/pass@{k}"] = sum(pass_at_k(a, c, k) for a, c in qs) / max(1, len(qs))
-    out["tool_use_rate"] = used / max(1, total)
-    out["tool_error_rate"] = errors / max(1, calls)
-    out["truncated_rate"] = sum(p[7] for p in parts) / max(1, total)
-    merged = defaultdict(lambda: [0, 0])
-    for p in parts:
-        for key, (n_roll, n_ok) in p[6].items():
-            merged[key][0] += n_roll
-            merged[key][1] += n_ok
-    for with_tool, name in ((True, "accuracy_with_tool"), (False, "accuracy_without_tool")):
-        cells = [v for (_, u), v in merged.items() if u == with_tool]
-        if sum(c[0] for c in cells):
-            out[name] = sum(c[1] for c in cells) / sum(c[0] for c in cells)
-    for task in sorted({t for t, _ in merged}):
-        rolls = merged[(task, True)][0] + merged[(task, False)][0]
-        out[f"{task}/tool_use_rate"] = merged[(task, True)][0] / max(1, rolls)
-        if merged[(task, True)][0]:
-            out[f"{task}/accuracy_with_tool"] = merged[(task, True)][1] / merged[(task, True)][0]
-    out["questions"] = len(per_q)
+            out[f"pass@{k}"] = _mean_pass(rec.questions, k)
+            for task in rec.by_task:
+                out[f"{task}/pass@{k}"] = _mean_pass([q for q in rec.questions if q.task == task], k)
+    total = RolloutCounts.merged(rec.by_task.values())
+    r = total.rates(undefined=0.0)
+    out["tool_use_rate"], out["tool_error_rate"], out["truncated_rate"] = (
+        r["tool_use_rate"], r["tool_error_rate"], r["truncated_rate"])
+    if total.tool_users:
+        out["accuracy_with_tool"] = r["accuracy_with_tool"]
+    if total.rollouts - total.tool_users:
+        out["accuracy_without_tool"] = r["accuracy_without_tool"]
+    for task in sorted(rec.by_task):
+        c = rec.by_task[task]
+        out[f"{task}/tool_use_rate"] = c.rates(undefined=0.0)["tool_use_rate"]
+        if c.tool_users:
+            out[f"{task}/accuracy_with_tool"] = c.rates()["accuracy_with_tool"]
+    out["questions"] = len(rec.questions)
     return out
+
+
+def _mean_pass(questions: list[QuestionResult], k: int) -> float:
+    return sum(pass_at_k(q.samples, q.correct, k) for q in questions) / max(1, len(questions))
 
 
 if __name__ == "__main__":

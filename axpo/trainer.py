@@ -30,7 +30,7 @@ from axpo import distributed
 from axpo.agent.format import AgentFormat
 from axpo.agent.loop import AgentLoop
 from axpo.algo.credit import assign
-from axpo.algo.resample import expand, new_tokens, reduce_diagnostics
+from axpo.algo.resample import expand, reduce_diagnostics
 from axpo.batching import micro_batches
 from axpo.checkpoint import (DCP_METADATA, SYNC_BUCKET_BYTES, Checkpointer, copy_gathered_weights, export_hf,
                              load_model_weights)
@@ -42,6 +42,7 @@ from axpo.models import (canonical_name, load_full_weights, load_on_rank0, mater
 from axpo.policy import PolicyModel, pack
 from axpo.pretrain import CopySequences, copy_accuracy
 from axpo.rollout.engine import Engine
+from axpo.rollout_stats import RolloutCounts
 from axpo.sft import encode_demo
 from axpo.sources import build_sources
 from axpo.update import optimizer_step, policy_update, supervised_loss, supervised_mask
@@ -426,7 +427,6 @@ class Trainer:
         self.log.start_stage("rl", cfg.rl.steps, start)
         for step in range(start, cfg.rl.steps):
             t = time.time()
-            errors_before = sum(self.loop.stats.tool_errors.values())  # the loop's counts are cumulative
             qs = take(len(train), cfg.rl.questions_per_step, step, cfg.trainer.seed + 1)
             mine = qs[d.rank::d.world]
             samples = [train[i] for i in mine]
@@ -437,8 +437,8 @@ class Trainer:
             trajs, diag = expand(self.loop, base, by_group, reward, a, step=step,
                                  seed=cfg.trainer.seed, mask_truncated=cfg.rollout.mask_truncated)
             self.loop.release(trajs)
-            # This step's training rollouts only (base and extra; evaluations run outside steps), all ranks.
-            tool_errors = distributed.all_reduce_sum(sum(self.loop.stats.tool_errors.values()) - errors_before, d)
+            # This step's training rollouts (base and extra) on all ranks, one collective.
+            counts = RolloutCounts.of(trajs).summed_over_ranks(d)
             t_roll = time.time() - t
             trained = [not (cfg.rollout.mask_truncated and tr.truncated) for tr in trajs]
             seq_adv, tok_adv, masks = assign(trajs, a, trained)
@@ -455,14 +455,14 @@ class Trainer:
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 self.scheduler.step()
             self.sync_engine()
-            gen_tokens = distributed.all_reduce_sum(sum(new_tokens(tr) for tr in trajs), d)
+            gen_tokens = counts.new_tokens
             # Every rate from its numerator and denominator summed over ranks (truncated_rate too).
             diag = reduce_diagnostics(diag, d)
             dt = time.time() - t
             metrics = {**diag, **stats, "reward": diag["accuracy"], "lr": self.scheduler.get_last_lr()[0],
                        "rollout_time": t_roll, "step_time": dt, "tokens_per_s": gen_tokens / dt,
                        "rollout_tokens": gen_tokens,
-                       "tool_errors": tool_errors}
+                       "tool_errors": counts.tool_errors}
             self._periodic_eval(step + 1, metrics)   # after the sync: the engine holds this step's weights
             self.log.log("rl", step + 1, metrics)
             self._check_skipped("rl", step + 1, metrics)

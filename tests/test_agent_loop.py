@@ -11,6 +11,7 @@ from axpo.agent.format import AgentFormat
 from axpo.agent.loop import AgentLoop
 from axpo.config import RolloutConfig
 from axpo.rollout.engine import Engine
+from axpo.rollout_stats import RolloutCounts
 from axpo.tasks import generate_task
 from axpo.tools import build_tools
 
@@ -88,7 +89,7 @@ def test_malformed_call_becomes_tool_error_and_loop_continues(make_loop, call_te
     t = trajs[0]
     t.check(fmt.image_pad, fmt.merge_size)
     assert t.tool_calls[0].error == kind
-    assert loop.stats.tool_errors[kind] == 1
+    assert RolloutCounts.of(trajs).tool_errors == 1
     # The error text went back to the model as a tool response, and sampling went on after it.
     text = fmt.decode(t.tokens[t.tool_calls[0].end:])
     assert "<tool_response>\nError:" in text and t.turns >= 2
@@ -118,7 +119,7 @@ def test_turn_limit_is_flagged(make_loop):
     sample = _samples()[1]
     call = json.dumps({"name": "python", "arguments": {"code": "print(1)"}})
     trajs = loop.rollout([sample], 1, step=0, response_prefix={sample.uid: _forced(fmt, call)})
-    assert trajs[0].truncated and not trajs[0].finished and loop.stats.turn_limit_hits == 1
+    assert trajs[0].truncated and not trajs[0].finished and trajs[0].turns == 1
     loop.release(trajs)
 
 
@@ -154,3 +155,25 @@ def test_forced_tool_call_is_not_trained_unless_asked(tiny_processor, train_forc
         assert b.loss_mask[cut] == int(train_forced)
         assert b.loss_mask[:cut] == parent.loss_mask[:cut]
         assert new_tokens(b) == int(train_forced)        # nothing sampled yet but (maybe) the forced token
+
+
+def test_evaluate_counts_every_rollout_it_scores(make_loop):
+    """axpo.eval.evaluate over real rollouts: its numbers are those of the rollout-statistics record
+    of the same rollouts (scored with the same reward)."""
+    from axpo.eval import evaluate
+
+    loop, _ = make_loop()
+    samples = generate_task("calculation", 3, 7)
+    scored = []
+
+    def reward(t):
+        scored.append(t)
+        return float(len(t.tokens) % 2)     # any deterministic score with both outcomes
+
+    out = evaluate(loop, samples, reward, n=2, ks=(1, 2))
+    c = RolloutCounts.of(scored, [float(len(t.tokens) % 2) for t in scored])
+    assert out["questions"] == 3 and c.rollouts == 6
+    assert out["tool_use_rate"] == c.rates(undefined=0.0)["tool_use_rate"]
+    assert out["truncated_rate"] == c.rates(undefined=0.0)["truncated_rate"]
+    assert 0 <= out["pass@1"] <= out["pass@2"] <= 1 and "calculation/pass@1" in out
+    assert loop.engine.stats["blocks_used"] == 0       # every rollout released

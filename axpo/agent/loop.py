@@ -8,8 +8,6 @@ call decodes one turn for the whole batch, so the batch stays wide while tools r
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
-from dataclasses import dataclass, field
 
 from axpo.agent.format import AgentFormat, Chunk
 from axpo.agent.trajectory import ImageSpan, ToolCallRecord, Trajectory
@@ -23,19 +21,10 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
-@dataclass
-class LoopStats:
-    tool_calls: int = 0
-    tool_errors: Counter = field(default_factory=Counter)
-    turn_limit_hits: int = 0
-    token_limit_hits: int = 0
-
-
 class AgentLoop:
     def __init__(self, engine: Engine, fmt: AgentFormat, tools: ToolRegistry, cfg: RolloutConfig,
                  seed: int = 0):
         self.engine, self.fmt, self.tools, self.cfg, self.seed = engine, fmt, tools, cfg, seed
-        self.stats = LoopStats()
         self._subsets: dict[tuple[str, ...], ToolRegistry] = {}
 
     # -- public -----------------------------------------------------------------------------
@@ -177,7 +166,6 @@ class AgentLoop:
             # Out of tokens mid-turn: flagged so the loss can mask it rather than penalise it.
             t.truncated = True
             t.final_text = self.fmt.decode(turn)
-            self.stats.token_limit_hits += 1
             return False
         # A tool call closed. Its opening is in this turn, or is the forced "<tool_call>" of an
         # AXPO branch just before it (the token before a turn is otherwise never <tool_call>).
@@ -189,20 +177,15 @@ class AgentLoop:
         call, result = self._tools_for(sample).execute(call_text, ToolContext(images=list(t.images), sample=sample))
         if rel is None and result.error is None:
             result.error = "bad_format"
-        self.stats.tool_calls += 1
-        if result.error:
-            self.stats.tool_errors[result.error] += 1
         t.tool_calls.append(ToolCallRecord(
             start=start, end=len(t.tokens), name=call.name if call else None,
             arguments=call.arguments if call else None, error=result.error))
         if t.turns >= self.cfg.max_turns:
             t.truncated = True
-            self.stats.turn_limit_hits += 1
             return False
         chunk = self.fmt.tool_response(result.text, result.images)
         if len(t.tokens) + len(chunk.ids) + 1 > self.cfg.max_total_tokens:
             t.truncated = True
-            self.stats.token_limit_hits += 1
             return False
         self.engine.extend(t.seq_id, chunk.ids, **self._mm(chunk))
         self._append(t, chunk, from_tool=True)

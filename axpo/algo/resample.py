@@ -22,7 +22,6 @@ resample success rate of a step without extra rollouts).
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Callable
 
@@ -32,6 +31,7 @@ from axpo.agent.trajectory import Trajectory
 from axpo.algo.groups import group_rollouts
 from axpo.algo.selection import Candidate, select
 from axpo.config import AlgoConfig
+from axpo.rollout_stats import RolloutCounts, new_tokens, ratio  # noqa: F401  (new_tokens: re-export)
 
 BRUTE_FORCE_PLANS = ("axpo", "round_robin")
 
@@ -121,13 +121,6 @@ def expand(loop: AgentLoop, base: list[Trajectory], samples: dict, reward_fn: Ca
     return base + extra, rates(diagnostics(base, extra, groups, chosen))
 
 
-def new_tokens(t: Trajectory) -> int:
-    """Tokens this rollout sampled itself: a branch's frozen prefix was sampled by its parent."""
-    if t.cut is None:
-        return t.num_generated
-    return t.num_generated - sum(t.loss_mask[t.prompt_len:t.cut])
-
-
 def _zero_var(trajs: list[Trajectory]) -> int:
     by: dict[int, list[float]] = {}
     for t in trajs:
@@ -136,14 +129,16 @@ def _zero_var(trajs: list[Trajectory]) -> int:
 
 
 def diagnostics(base: list[Trajectory], extra: list[Trajectory], groups, chosen) -> dict[str, float]:
-    """The step's counts on this rank (see COUNTS and RATES)."""
+    """The step's counts on this rank (see COUNTS and RATES). The rollout counts are
+    axpo.rollout_stats' record of the base and of the extra rollouts."""
+    b, x = RolloutCounts.of(base), RolloutCounts.of(extra)
     rec = {
-        "n_base_rollouts": len(base),
-        "n_base_tool_users": sum(t.used_tool for t in base),
-        "n_base_correct": sum(t.reward > 0 for t in base),
-        "n_base_truncated": sum(t.truncated for t in base),
-        "n_base_tool_calls": sum(len(t.tool_calls) for t in base),
-        "n_base_tool_errors": sum(c.error is not None for t in base for c in t.tool_calls),
+        "n_base_rollouts": b.rollouts,
+        "n_base_tool_users": b.tool_users,
+        "n_base_correct": b.correct,
+        "n_base_truncated": b.truncated,
+        "n_base_tool_calls": b.tool_calls,
+        "n_base_tool_errors": b.tool_errors,
         "n_groups": len(groups),
         "n_tool_groups": sum(bool(g.scored_tool_using) for g in groups),
         "n_all_wrong_groups": sum(g.tool_all_wrong for g in groups),
@@ -151,11 +146,11 @@ def diagnostics(base: list[Trajectory], extra: list[Trajectory], groups, chosen)
         "n_zero_var_before": _zero_var(base),
         "n_zero_var_after": _zero_var(base + extra),
         "prefixes_selected": len(chosen),
-        "extra_rollouts": len(extra),
-        "n_extra_successes": sum(t.reward > 0 for t in extra),
-        "n_extra_tool_users": sum(t.used_tool for t in extra),
-        "base_tokens": sum(new_tokens(t) for t in base),
-        "extra_tokens": sum(new_tokens(t) for t in extra),
+        "extra_rollouts": x.rollouts,
+        "n_extra_successes": x.correct,
+        "n_extra_tool_users": x.tool_users,
+        "base_tokens": b.new_tokens,
+        "extra_tokens": x.new_tokens,
         "cut_entropy_sum": sum(c.cut_entropy for c in chosen),
     }
     assert tuple(rec) == COUNTS
@@ -171,7 +166,7 @@ def rates(record: dict) -> dict[str, float]:
     """Rates from summed counts (NaN where the denominator is 0), plus the counts themselves."""
     out = {}
     for name, (num, den) in RATES.items():
-        out[name] = record[num] / record[den] if record[den] > 0 else math.nan
+        out[name] = ratio(record[num], record[den])
     return {**out, **{k: record[k] for k in COUNTS}}
 
 
