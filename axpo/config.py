@@ -88,6 +88,19 @@ class RolloutConfig:
     block_size: int = 16
     max_kv_tokens: int = 262144
     mask_truncated: bool = True               # Mini-o3: trajectories that hit a limit are masked, not penalised
+    # vLLM backend (engine=vllm, the optional extra; axpo/rollout/vllm_engine.py). One in-process
+    # engine per rank, colocated with training.
+    vllm_dtype: Literal["model", "float32", "bfloat16", "float16"] = "model"   # "model": model.dtype
+    vllm_max_model_len: int | None = None     # context limit; None: max_total_tokens + max_turn_tokens
+    vllm_kv_cache_gib: float | None = 1.0     # KV cache size (CPU and GPU); None: gpu_memory_utilization decides
+    vllm_gpu_memory_utilization: float = 0.5  # GPU share vLLM may take (weights + KV) when vllm_kv_cache_gib is None
+    vllm_seed: int | None = None              # engine seed; None: trainer.seed + rank (rows carry their own seeds)
+    # Truncated importance sampling (verl/TRL "TIS") for the train/rollout mismatch: each sampled
+    # token's advantage is scaled by min(exp(trainer logp - engine logp), tis_cap). 0: off.
+    tis_cap: float = 0.0
+    # Free the engine's weights (vLLM on GPU: sleep) during the policy update; the next sync
+    # restores them. Saves a full weight copy per rank at the cost of reallocating it every step.
+    release_weights_during_update: bool = False
 
 
 @dataclass

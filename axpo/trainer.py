@@ -32,13 +32,12 @@ from axpo.agent.loop import AgentLoop
 from axpo.algo.credit import assign
 from axpo.algo.resample import expand, reduce_diagnostics
 from axpo.batching import micro_batches
-from axpo.checkpoint import (DCP_METADATA, SYNC_BUCKET_BYTES, Checkpointer, copy_gathered_weights, export_hf,
-                             load_model_weights)
+from axpo.checkpoint import (SYNC_BUCKET_BYTES, Checkpointer, check_checkpoint_path, copy_gathered_weights,
+                             copy_local_weights, export_hf, load_weights)
 from axpo.config import Config, StageConfig, load_config, to_dict
 from axpo.eval import evaluate
 from axpo.metrics import MetricsLogger, plot_run, write_summary
-from axpo.models import (canonical_name, load_full_weights, load_on_rank0, materialize, release_storage,
-                         restore_storage)
+from axpo.models import load_full_weights, load_on_rank0, materialize, release_storage, restore_storage
 from axpo.policy import PolicyModel, pack
 from axpo.pretrain import CopySequences, copy_accuracy
 from axpo.rollout.engine import Engine
@@ -53,7 +52,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def config_for_checkpoint(checkpoint: str, config: str | None, overrides: list[str]) -> Config:
     """The config a checkpoint was trained with (run_dir/config.yaml), unless one is given."""
-    _check_checkpoint_path(checkpoint)
+    check_checkpoint_path(checkpoint)
     if config is None:
         ck = Path(checkpoint)
         # run/checkpoints/step_x (DCP) or run/hf (Hugging Face export)
@@ -62,15 +61,6 @@ def config_for_checkpoint(checkpoint: str, config: str | None, overrides: list[s
                 config = str(p)
                 break
     return load_config(config, overrides)
-
-
-def _check_checkpoint_path(path: str | Path) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    if not ((p / "config.json").exists() or (p / DCP_METADATA).exists()):
-        raise FileNotFoundError(f"{p} is neither a DCP checkpoint folder (no {DCP_METADATA}) nor a Hugging Face "
-                                "folder (no config.json)")
 
 
 def _permuted(n: int, seed: int, epoch: int) -> list[int]:
@@ -106,8 +96,6 @@ class Trainer:
         random.seed(cfg.trainer.seed + self.d.rank)
         if cfg.trainer.deterministic:
             torch.use_deterministic_algorithms(True)
-        if cfg.rollout.engine != "builtin":
-            raise ValueError(f"rollout.engine={cfg.rollout.engine!r}: only the built-in engine exists so far")
         dtype = DTYPES[cfg.model.dtype]
         self._dtype = dtype
         # Rank 0 alone reads the weights (one full CPU copy); every rank builds the architecture
@@ -132,8 +120,8 @@ class Trainer:
         if full is None:
             materialize(engine_model, self.d.device, buffers_from=self.policy)
         del full
-        self.engine = Engine(engine_model.eval(), block_size=cfg.rollout.block_size,
-                             max_kv_tokens=cfg.rollout.max_kv_tokens, device=self.d.device)
+        self.engine = self._build_engine(engine_model.eval())
+        del engine_model
         self.loop = AgentLoop(self.engine, self.fmt, self.src.tools, cfg.rollout, seed=cfg.trainer.seed)
         if self.d.enabled:
             self.sync_engine()   # the other ranks' engine copies hold no weights yet
@@ -164,46 +152,116 @@ class Trainer:
     sync_bucket_bytes = SYNC_BUCKET_BYTES
 
     _engine_released: list | None = None
+    _engine_asleep = False
+
+    def _build_engine(self, engine_model):
+        """`rollout.engine`: the built-in engine over the engine copy, or vLLM (one in-process
+        engine per rank, loaded from a folder rank 0 writes from its copy; the config check has
+        already said what to install if vLLM is missing)."""
+        cfg, r = self.cfg, self.cfg.rollout
+        if r.engine == "builtin":
+            return Engine(engine_model, block_size=r.block_size, max_kv_tokens=r.max_kv_tokens, device=self.d.device)
+        from axpo.rollout.vllm_engine import VLLMEngine
+
+        on_gpu = self.d.device.type == "cuda"
+        engine = VLLMEngine(
+            engine_model, self.processor, dtype=cfg.model.dtype if r.vllm_dtype == "model" else r.vllm_dtype,
+            # A prompt already past max_total_tokens still gets one token (the loop's max(1, ...)):
+            # leave a turn of headroom.
+            max_model_len=r.vllm_max_model_len or r.max_total_tokens + r.max_turn_tokens,
+            # question image + per tool response at most 2 (a zoom crop: 1, python: max_figures 2)
+            max_images=1 + 2 * r.max_turns,
+            kv_cache_bytes=None if r.vllm_kv_cache_gib is None else int(r.vllm_kv_cache_gib * 2**30),
+            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            seed=cfg.trainer.seed + self.d.rank if r.vllm_seed is None else r.vllm_seed,
+            # Sleep mode exists on CUDA/ROCm only (vLLM 0.32 CPU has none): asked for only there.
+            **({"enable_sleep_mode": True} if on_gpu and r.release_weights_during_update else {}))
+        if cfg.pretrain.steps > 0:
+            # Copy pre-training measures its accuracy on `engine.model` (the tiny base only, small):
+            # keep the HF copy as the sync's staging copy. Otherwise vLLM's copy is the only one.
+            engine.model = engine_model
+        return engine
+
+    def _trainer_logps(self, trajs) -> list:
+        """The policy's no-grad fused log-prob + entropy pass (`axpo.update.old_logprobs`) over
+        `trajs` with the weights that rolled them out: (log-probs, entropies) per trajectory, index
+        j = token j. Every rank takes part (FSDP: the same number of forwards on every rank)."""
+        from axpo.update import old_logprobs
+
+        rows = [{"tokens": t.tokens, "pixel_values": t.pixel_values, "grids": [s.grid_thw for s in t.image_spans]}
+                for t in trajs]
+        return old_logprobs(self.policy, rows, self.fmt, self.cfg.rl.micro_batch_tokens,
+                            self.cfg.rollout.temperature, self.d)
+
+    def _fill_entropies(self, base) -> dict:
+        """Entropies for an engine that returns none (vLLM): AXPO's selection (and brute force's
+        "axpo" plan) scores prefixes by the entropy before each cut, so the base rollouts get
+        theirs from the policy's pass before `expand` (branches copy their parent's). Returns the
+        pass's log-probs by trajectory uid, reused by truncated importance sampling."""
+        lps, ents = self._trainer_logps(base)
+        for t, e in zip(base, ents):
+            t.entropies = e.tolist()
+        return {t.uid: lp for t, lp in zip(base, lps)}
+
+    def _tis(self, trajs, tok_adv, known: dict) -> tuple[list, dict]:
+        """Truncated importance sampling (`rollout.tis_cap`): every token's advantage times
+        min(exp(trainer logp - engine logp), cap), the trainer's log-probs from the pass before
+        `expand` where it ran, else from one pass over the trajectories still missing them.
+        Returns the scaled advantages and the mismatch's rank-summed statistics."""
+        from axpo.rollout.vllm_engine import tis_weights
+
+        missing = [t for t in trajs if t.uid not in known]
+        if distributed.all_reduce_max(len(missing), self.d) > 0:
+            lps, _ = self._trainer_logps(missing or trajs[:1])
+            known = {**known, **{t.uid: lp for t, lp in zip(missing, lps)}}
+        w, st = tis_weights(trajs, [known[t.uid] for t in trajs], self.cfg.rollout.tis_cap)
+        n = distributed.all_reduce_sum(st["n"], self.d)
+        out = {"tis_logp_abs_diff": distributed.all_reduce_sum(st["abs_diff_sum"], self.d) / max(1, n),
+               "tis_capped_share": distributed.all_reduce_sum(st["capped"], self.d) / max(1, n)}
+        return [a * wi.to(a.device, a.dtype) for a, wi in zip(tok_adv, w)], out
 
     def release_engine_weights(self) -> None:
         """Free the engine's weight copy while it is not needed (e.g. during the policy update):
         the memory goes back to the allocator for training; the next `sync_engine` reallocates
-        and refills it. The engine must not run in between."""
-        if self._engine_released is None:
-            self._engine_released = release_storage(self.engine.model)
+        and refills it. The engine must not run in between. vLLM: sleep (weights and KV cache
+        discarded) where vLLM supports it (GPU); on CPU vLLM has no sleep mode and keeps its
+        memory, only a staging copy (`engine.model`) is freed."""
+        if self.cfg.rollout.engine == "vllm" and not self._engine_asleep:
+            self._engine_asleep = self.engine.sleep()
+        model = getattr(self.engine, "model", None)
+        if self._engine_released is None and model is not None:
+            self._engine_released = release_storage(model)
 
     @torch.no_grad()
-    def sync_engine(self) -> None:
-        """The policy's weights into the engine's copy, gathered bucket by bucket and copied in
-        place (no full state dict on any rank); then the engine marks its sequences stale."""
-        model = self.engine.model
+    def sync_engine(self) -> float:
+        """The policy's weights into the engine, gathered bucket by bucket (no full state dict
+        on any rank); then the engine marks its sequences stale and drops its caches. Built-in
+        engine: copied in place into its model. vLLM: streamed into one `reload_weights` (or via
+        the staging copy where one is kept). Returns the seconds taken (logged as `engine_sync_s`)."""
+        t0 = time.perf_counter()
+        if self._engine_asleep:
+            self.engine.wake()
+            self._engine_asleep = False
+        model = getattr(self.engine, "model", None)
         if self._engine_released is not None:
             restore_storage(self._engine_released)
             self._engine_released = None
+        if model is None:   # vLLM without a staging copy
+            from axpo.rollout.vllm_engine import streamed_weights
+
+            self.engine.load_weights(streamed_weights(self.policy, bucket_bytes=self.sync_bucket_bytes))
+            return time.perf_counter() - t0
         copy_gathered_weights(self.policy, model.state_dict(keep_vars=True), bucket_bytes=self.sync_bucket_bytes)
-        # The weights are in place already; load_weights of the model itself copies each tensor
-        # onto itself (a no-op) and bumps the engine's weights version, dropping cached logits.
+        # Built-in: the weights are in place already; load_weights of the model itself copies each
+        # tensor onto itself (a no-op) and bumps the engine's weights version, dropping cached
+        # logits. vLLM: reloads them from the staging copy.
         self.engine.load_weights(model)
+        return time.perf_counter() - t0
 
     def load_policy(self, path: str) -> None:
         """A DCP checkpoint folder or a Hugging Face folder, into the policy and the engine."""
-        _check_checkpoint_path(path)
-        p = Path(path)
-        if (p / "config.json").exists():
-            self._load_hf_folder(self.policy, p)
-        else:
-            load_model_weights(self.policy, p)
+        load_weights(self.policy, path, self.d, dtype=self._dtype)
         self.sync_engine()
-
-    def _load_hf_folder(self, policy, path: Path) -> None:
-        """A Hugging Face folder into a sharded policy: read on rank 0 only, broadcast tensor by
-        tensor (each rank keeps its shard)."""
-        full = None
-        if self.d.main:
-            from transformers import AutoModelForImageTextToText
-
-            full = AutoModelForImageTextToText.from_pretrained(str(path), dtype=self._dtype)
-        load_full_weights(policy, full, self.d, buffers=False)
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -404,16 +462,10 @@ class Trainer:
         if src is None:
             done = sorted(self.ckpt.root.glob("step_sft_*"))
             src = str(done[-1]) if done else None
-        if src is not None and (Path(src) / "config.json").exists():
-            self._load_hf_folder(ref, Path(src))
-        elif src is not None:
-            load_model_weights(ref, src)
+        if src is not None:
+            load_weights(ref, src, d, dtype=self._dtype)
         else:   # the current weights: the same shards on the same ranks, copied locally
-            with torch.no_grad():
-                mine = {canonical_name(k): v for k, v in self.policy.state_dict().items()}
-                for k, v in ref.state_dict().items():
-                    w = mine[canonical_name(k)]
-                    (v.to_local() if hasattr(v, "to_local") else v).copy_(w.to_local() if hasattr(w, "to_local") else w)
+            copy_local_weights(ref, self.policy)
         for p in ref.parameters():
             p.requires_grad_(False)
         return ref.eval()
@@ -433,6 +485,10 @@ class Trainer:
             base = self.loop.rollout(samples, cfg.rollout.group_size, step=step)
             for tr in base:
                 tr.reward = reward(tr)
+            # vLLM returns no entropies; selection needs them before each cut (see _fill_entropies).
+            trainer_logps = {}
+            if not getattr(self.engine, "provides_entropies", True) and (a.axpo or (a.brute_force and a.brute_force_plan == "axpo")):
+                trainer_logps = self._fill_entropies(base)
             by_group = dict(enumerate(samples))
             trajs, diag = expand(self.loop, base, by_group, reward, a, step=step,
                                  seed=cfg.trainer.seed, mask_truncated=cfg.rollout.mask_truncated)
@@ -444,6 +500,11 @@ class Trainer:
             seq_adv, tok_adv, masks = assign(trajs, a, trained)
             for tr in trajs:
                 tr.check(self.fmt.image_pad, self.fmt.merge_size)
+            tis = {}
+            if cfg.rollout.tis_cap > 0:
+                tok_adv, tis = self._tis(trajs, tok_adv, trainer_logps)
+            if cfg.rollout.release_weights_during_update:
+                self.release_engine_weights()   # restored by the sync after the update
             stats = policy_update(
                 self.policy, self.optimizer, trajs, tok_adv, masks, fmt=self.fmt, d=d,
                 budget=cfg.rl.micro_batch_tokens, temperature=cfg.rollout.temperature,
@@ -454,7 +515,7 @@ class Trainer:
                 # advances by one step, as it would have otherwise.
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 self.scheduler.step()
-            self.sync_engine()
+            stats.update(tis, engine_sync_s=self.sync_engine())
             gen_tokens = counts.new_tokens
             # Every rate from its numerator and denominator summed over ranks (truncated_rate too).
             diag = reduce_diagnostics(diag, d)

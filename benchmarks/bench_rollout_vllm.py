@@ -3,6 +3,7 @@ bench_rollout.py, and the same workloads on the built-in engine for a side-by-si
 
     .venv-vllm/bin/python benchmarks/bench_rollout_vllm.py             # vLLM (the second environment)
     .venv/bin/python benchmarks/bench_rollout_vllm.py --engine builtin # the built-in engine, same rows
+    .venv/bin/python benchmarks/bench_rollout_vllm.py --engine generate # Hugging Face generate(), text rows
 
 Model: bench_rollout.py's small Qwen3-VL (4 layers, hidden 256, 8 query / 4 KV heads of 32, MLP 768,
 fp32, random init), saved as a Hugging Face folder for vLLM. Workloads:
@@ -122,6 +123,41 @@ def bench_fork(eng, kind, processor, p, with_image, repeats):
     return rows
 
 
+def bench_generate_fork(model, p, repeats):
+    """Hugging Face `generate(num_return_sequences=K)` from the prefix: the baseline without KV
+    forking (the K rows copy the prefix cache; nothing persists between calls, so only `cold`)."""
+    ids, _ = prefix_ids(p, None, False)
+    x = torch.tensor([ids])
+
+    def run(n):
+        torch.manual_seed(0)
+        out = model.generate(x, do_sample=True, num_return_sequences=K, max_new_tokens=n, min_new_tokens=n,
+                             top_k=0, top_p=1.0, pad_token_id=0)
+        assert out.shape == (K, p + n)
+
+    full = time_fn(lambda: run(D), warmup=1, repeats=repeats)
+    one = time_fn(lambda: run(1), warmup=0, repeats=repeats)
+    return {"cold": dict(full, tokens_per_s=K * D / full["median_s"], first_token_s=one["median_s"],
+                         decode_tokens_per_s=decode_rate(K * (D - 1), full["median_s"], one["median_s"]),
+                         cached_tokens_per_branch=None, cached_share=None)}
+
+
+def bench_generate_decode64(model, repeats):
+    g = torch.Generator().manual_seed(64)
+    x = torch.tensor([torch.randint(0, 700, (PROMPT64,), generator=g).tolist() for _ in range(ROWS64)])
+
+    def run(n):
+        torch.manual_seed(0)
+        out = model.generate(x, do_sample=True, max_new_tokens=n, min_new_tokens=n, top_k=0, top_p=1.0,
+                             pad_token_id=0)
+        assert out.shape == (ROWS64, PROMPT64 + n)
+
+    full = time_fn(lambda: run(D), warmup=1, repeats=repeats)
+    one = time_fn(lambda: run(1), warmup=0, repeats=repeats)
+    return dict(full, tokens_per_s=ROWS64 * D / full["median_s"], first_token_s=one["median_s"],
+                decode_tokens_per_s=decode_rate(ROWS64 * (D - 1), full["median_s"], one["median_s"]))
+
+
 def bench_decode64(eng, repeats):
     g = torch.Generator().manual_seed(64)
     prompts = [torch.randint(0, 700, (PROMPT64,), generator=g).tolist() for _ in range(ROWS64)]
@@ -141,7 +177,8 @@ def bench_decode64(eng, repeats):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engine", choices=["vllm", "builtin"], default="vllm")
+    ap.add_argument("--engine", choices=["vllm", "builtin", "generate"], default="vllm",
+                    help="generate: Hugging Face generate() on the same model (text prefixes only)")
     ap.add_argument("--prefixes", default="512,1024,2048,4096")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-image", action="store_true")
@@ -161,7 +198,7 @@ def main():
     model = build_tiny_model(0, CFG, processor).eval()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as workdir:
-        eng = make_engine(args.engine, model, processor, workdir)
+        eng = make_engine(args.engine, model, processor, workdir) if args.engine != "generate" else None
         env = dict(env_info(), quick=args.quick, torch_threads_after_init=torch.get_num_threads())
         if args.engine == "vllm":
             import vllm
@@ -172,18 +209,20 @@ def main():
         env["transformers"] = transformers.__version__
         model_desc = f"qwen3vl L{CFG.num_layers} H{CFG.hidden_size} heads {CFG.num_heads}/{CFG.num_kv_heads}x{CFG.head_dim}"
         rows = []
-        cases = [(p, False) for p in prefixes] + ([] if args.no_image or args.quick else [(2048, True)])
+        cases = [(p, False) for p in prefixes] + ([] if args.no_image or args.quick or eng is None else [(2048, True)])
         cases = [] if args.skip_fork else cases
         for p, img in cases:
             print(f"{args.engine}: prefix {p}{' + image' if img else ''} ...", flush=True)
-            for mode, r in bench_fork(eng, args.engine, processor, p, img, repeats).items():
+            res = (bench_generate_fork(model, p, repeats) if eng is None
+                   else bench_fork(eng, args.engine, processor, p, img, repeats))
+            for mode, r in res.items():
                 row = dict(bench="rollout_vllm", engine=args.engine, workload="fork", mode=mode, prefix_tokens=p,
                            branches=K, new_tokens=D, image=img, model=model_desc, dtype="fp32", **r, **env,
                            timestamp=timestamp())
                 append_row(OUT, row)
                 rows.append(row)
         print(f"{args.engine}: {ROWS64} x {D} decode ...", flush=True)
-        r = bench_decode64(eng, repeats)
+        r = bench_generate_decode64(model, repeats) if eng is None else bench_decode64(eng, repeats)
         row = dict(bench="rollout_vllm", engine=args.engine, workload="decode64", mode="cold", prefix_tokens=PROMPT64,
                    branches=ROWS64, new_tokens=D, image=False, model=model_desc, dtype="fp32", **r, **env,
                    timestamp=timestamp())

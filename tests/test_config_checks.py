@@ -25,7 +25,8 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
     ("model.dtype=fp8", "model.dtype: 'fp8' is not one of 'float32', 'bfloat16', 'float16'"),
     ("rollout.engine=sglang", "rollout.engine: 'sglang' is not one of 'builtin', 'vllm'"),
     ("optim.lr=0", "optim.lr = 0.0: must be > 0"),
-    ("rollout.engine=vllm", "rollout.engine = 'vllm': the vLLM backend"),
+    ("rollout.engine=vllm", "rollout.engine = 'vllm': needs vLLM, which is not installed here; install the "
+                            "optional extra: `pip install -e .[vllm]`"),   # main venv: no vLLM (see test_engine_select)
     ("algo.ppo_epochs=0", "algo.ppo_epochs = 0: must be >= 1"),
     ("rollout.max_total_tokens=10", "rollout.max_total_tokens = 10: must be >= rollout.max_turn_tokens"),
     ("algo.brute_force=true", "algo.brute_force = True: brute force spends AXPO's extra budget"),

