@@ -216,6 +216,52 @@ def load_model_weights(model, path: str | Path) -> None:
     set_model_state_dict(model, state["model"])
 
 
+def is_hf_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.json").exists()
+
+
+def check_checkpoint_path(path: str | Path) -> Path:
+    """`path` as a Path if it is a DCP checkpoint folder or a Hugging Face folder, else an error
+    naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if not (is_hf_folder(p) or (p / DCP_METADATA).exists()):
+        raise FileNotFoundError(f"{p} is neither a DCP checkpoint folder (no {DCP_METADATA}) nor a Hugging Face "
+                                "folder (no config.json)")
+    return p
+
+
+def load_weights(module, path: str | Path, d: Dist, *, dtype: torch.dtype | None = None) -> None:
+    """The one weight loader: a DCP checkpoint folder (its model part) or a Hugging Face folder into
+    `module` (a PolicyModel or a bare model, FSDP2-sharded or not), used for `init_from`, the
+    reference policy and evaluation. Every rank calls it. A Hugging Face folder is read on rank 0
+    only (`from_pretrained`, in `dtype`) and broadcast tensor by tensor, each rank keeping its
+    shard; names are matched through `models.canonical_name` on both paths."""
+    from axpo.models import load_full_weights
+
+    p = check_checkpoint_path(path)
+    if not is_hf_folder(p):
+        load_model_weights(module, p)
+        return
+    full = None
+    if d.main:
+        from transformers import AutoModelForImageTextToText
+
+        full = AutoModelForImageTextToText.from_pretrained(str(p), **({"dtype": dtype} if dtype else {}))
+    load_full_weights(module, full, d, buffers=False)
+
+
+@torch.no_grad()
+def copy_local_weights(dst, src) -> None:
+    """`src`'s weights into `dst`, both sharded alike (same units, same ranks) or both unsharded:
+    each rank copies its own shards, matched by canonical name (no collective)."""
+    mine = {canonical_name(k): v for k, v in src.state_dict().items()}
+    for k, v in dst.state_dict().items():
+        w = mine[canonical_name(k)]
+        (v.to_local() if hasattr(v, "to_local") else v).copy_(w.to_local() if hasattr(w, "to_local") else w)
+
+
 def _row_layout(value, world: int):
     """For a DTensor sharded along dim 0 over a 1-D mesh of all ranks (FSDP2's layout): the
     (rows, global row offset) of every rank's local shard, as DTensor computes them; else None."""
