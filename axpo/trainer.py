@@ -42,6 +42,7 @@ from axpo.policy import PolicyModel, pack
 from axpo.pretrain import CopySequences, copy_accuracy
 from axpo.rollout.engine import Engine
 from axpo.rollout_stats import RolloutCounts
+from axpo.rows import TrainingRow
 from axpo.sft import encode_demo
 from axpo.sources import build_sources
 from axpo.update import optimizer_step, policy_update, supervised_loss, supervised_mask
@@ -385,7 +386,7 @@ class Trainer:
                 f"stopping (trainer.max_skipped_steps={limit}). Lower the learning rate or check the data; "
                 "the steps are in metrics.jsonl with skipped=1.")
 
-    def _supervised_step(self, rows: list[dict], masks: list[list[int]], budget: int) -> dict:
+    def _supervised_step(self, rows: list[TrainingRow], masks: list[list[int]], budget: int) -> dict:
         """One optimiser step on the masked next-token NLL of this rank's `rows` (mask[j] = 1:
         token j is a target). The mean is over the masked tokens of all ranks, so the step does
         not depend on how rows are split over ranks and micro-batches."""
@@ -393,7 +394,7 @@ class Trainer:
         g_tok = distributed.all_reduce_sum(sum(sum(m[1:]) for m in masks), d)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for mb, real in distributed.even_batches(micro_batches([len(r["tokens"]) for r in rows], budget), d):
+        for mb, real in distributed.even_batches(micro_batches([len(r) for r in rows], budget), d):
             batch = pack([rows[i] for i in mb], self.fmt.pad, self.fmt.image_pad, mb, device=d.device)
             logp, _ = self.policy(batch, return_entropy=False)
             mask = supervised_mask(masks, mb, real, batch.input_ids.shape[1], dtype=logp.dtype, device=logp.device)
@@ -417,7 +418,7 @@ class Trainer:
         for step in range(start, cfg.pretrain.steps):
             t = time.time()
             batch = seqs.step_batch(cfg.trainer.seed, step, cfg.pretrain.questions_per_step)[d.rank::d.world]
-            rows = [{"tokens": x, "pixel_values": [], "grids": []} for x, _ in batch]
+            rows = [TrainingRow(x) for x, _ in batch]
             metrics = self._supervised_step(rows, [m for _, m in batch], cfg.pretrain.micro_batch_tokens)
             if (step + 1) % PRETRAIN_EVAL_EVERY == 0 or step + 1 == cfg.pretrain.steps:
                 self.sync_engine()   # all ranks gather; rank 0 measures on its full copy
@@ -436,7 +437,7 @@ class Trainer:
             t = time.time()
             idx = take(len(demos), cfg.sft.questions_per_step, step, cfg.trainer.seed)[d.rank::d.world]
             enc = [self._encoded_demo(i) for i in idx]
-            rows = [{"tokens": e.tokens, "pixel_values": e.pixel_values, "grids": e.grids} for e in enc]
+            rows = [TrainingRow.of_demo(e) for e in enc]
             metrics = self._supervised_step(rows, [e.loss_mask for e in enc], cfg.sft.micro_batch_tokens)
             dt = time.time() - t
             self.log.log("sft", step + 1, {**metrics, "tokens_per_s": metrics["tokens"] / dt, "step_time": dt})
