@@ -70,3 +70,37 @@ def test_reserved_private_use_characters_are_refused(tiny_processor):
     with pytest.raises(ValueError, match="U\\+E000"):
         encode_demo([{"role": "user", "content": "a\ue000axpo-0\ue001"},
                      {"role": "assistant", "content": "b"}], [], fmt, None)
+
+
+def test_user_sft_rows_are_trained_on_the_prompt_rl_rolls_out(tmp_path):
+    """A user SFT row's `tools` is rendered into its prompt (a `# Tools` block with exactly those
+    schemas) and the prompt is token for token the one the agent loop builds for the same question
+    and tools; `"tools": []` renders none (#13: SFT prompts had no tools block)."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from axpo.config import load_config
+    from axpo.sources import build_sources
+    from axpo.trainer import Trainer
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_tool"
+    rows = [json.loads(x) for x in (example / "data" / "sft.jsonl").read_text().splitlines()[:2]]
+    rows[1]["tools"] = []
+    rows[1]["messages"] = [rows[1]["messages"][0], {"role": "assistant", "content": "I cannot look it up."}]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(example / "config.yaml", [f"data.sft_file={sft}"])
+    src = build_sources(cfg)
+    from axpo.models import build_tiny_processor
+
+    fmt = AgentFormat(build_tiny_processor(cfg.model.tiny))
+    trainer = SimpleNamespace(_demo_cache={}, src=src, fmt=fmt)     # what Trainer._encoded_demo reads
+    for i, tools in ((0, ["codebook"]), (1, [])):
+        demo = src.demos[i]
+        assert demo.tools == tools
+        enc = Trainer._encoded_demo(trainer, i)
+        prompt = fmt.prompt(demo.messages[0]["content"], [], src.tools.schemas(tools))
+        assert enc.tokens[:len(prompt.ids)] == prompt.ids
+        text = fmt.decode(prompt.ids)
+        assert ("# Tools" in text) == bool(tools) and ('"name": "codebook"' in text) == bool(tools)
