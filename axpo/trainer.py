@@ -118,7 +118,8 @@ class Trainer:
                                         activation_checkpointing=cfg.model.activation_checkpointing)
         materialize(self.policy, self.d.device)
         load_full_weights(self.policy, full, self.d)
-        if full is None:
+        if full is None and (cfg.rollout.engine == "builtin" or cfg.pretrain.steps > 0):
+            # (vLLM keeps its own copy, loaded from rank 0's folder: other ranks need none here)
             materialize(engine_model, self.d.device, buffers_from=self.policy)
         del full
         self.engine = self._build_engine(engine_model.eval())
@@ -165,8 +166,11 @@ class Trainer:
         from axpo.rollout.vllm_engine import VLLMEngine
 
         on_gpu = self.d.device.type == "cuda"
+        # A pretrained model: vLLM loads the very folder (or hub id) rank 0 read, instead of rank 0
+        # writing its copy out again (17.5 GB for the 8B); the tiny model exists only in memory.
+        source = engine_model if cfg.model.name == "tiny" else cfg.model.name
         engine = VLLMEngine(
-            engine_model, self.processor, dtype=cfg.model.dtype if r.vllm_dtype == "model" else r.vllm_dtype,
+            source, self.processor, dtype=cfg.model.dtype if r.vllm_dtype == "model" else r.vllm_dtype,
             # A prompt already past max_total_tokens still gets one token (the loop's max(1, ...)):
             # leave a turn of headroom.
             max_model_len=r.vllm_max_model_len or r.max_total_tokens + r.max_turn_tokens,

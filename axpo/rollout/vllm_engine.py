@@ -169,16 +169,17 @@ class VLLMEngine:
         self.llm = vllm.LLM(**kwargs)
         self._vllm = vllm
         self.init_seconds = time.perf_counter() - t0
-        if self._external:
+        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        if self.in_process:
             # vLLM shuts its in-process core down from a weakref finalizer at exit, and that
-            # shutdown destroys torch's process groups: after the trainer already destroyed them
-            # it raises "Invalid process group specified" (seen at the end of a torchrun run);
-            # before, it would take the trainer's group away. Shut down only while the group lives.
+            # shutdown destroys torch's process groups (the trainer's under torchrun; in a single
+            # process the world of 1 vLLM set up itself): after the trainer's own teardown already
+            # destroyed them it raises "Invalid process group specified" (seen at the end of runs
+            # with 1 and 2 ranks). Shut down only while the group lives.
             client = self.llm.llm_engine.engine_core
             fin = getattr(client, "_finalizer", None)
             if fin is not None and fin.detach() is not None:
                 client._finalizer = weakref.finalize(client, _shutdown_if_group_alive, client.engine_core)
-        self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
         self.max_model_len = max_model_len
         self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
         self.last_cached_tokens: list[int] = []     # num_cached_tokens of each row of the last generate
