@@ -19,6 +19,9 @@
 #     Triton's interpreter) and the torchrun step on CPU/gloo with the same config overrides.
 set -euo pipefail
 
+# The body is one function, read whole before it runs: editing this file while a rehearsal runs
+# cannot make bash resume at a shifted offset.
+main() {
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 MODE=gpu
@@ -44,6 +47,7 @@ fi
 if [ "$MODE" = gpu ]; then
   # The whole smoke, install and compiles included, counts against the budget from here.
   export GPU_SMOKE_T0="$(date +%s)" PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+  export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"   # no network there
   PY="${PYTHON:-python3}"
   mkdir -p "$OUTDIR"
   exec > >(tee -a "$OUTDIR/gpu_smoke.log") 2>&1
@@ -94,7 +98,11 @@ if [ "$REUSE_VENV" = 0 ] || [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
   "$VENV/bin/python" -m pip install -q "torch==2.13.0" "triton==3.6.0" "transformers==5.17.0" \
     "tokenizers>=0.23.1,<0.24" "huggingface-hub>=1.31,<2" "safetensors>=0.8" numpy pyyaml pillow tqdm \
-    matplotlib tensorboard pybind11 setuptools wheel pyarrow regex typer packaging
+    matplotlib tensorboard pybind11 setuptools wheel pyarrow regex typer packaging \
+    "numpy<2.4"
+  # numpy<2.4 (the image has 2.5.2): triton 3.6's interpreter, used only by this rehearsal's tiny
+  # CPU run, turns 1-element arrays into ints, which numpy >= 2.4 refuses ("only 0-dimensional
+  # arrays can be converted to Python scalars"); compiled kernels on the GPU never meet it.
 fi
 echo "rehearse: venv $VENV ($("$VENV/bin/python" -V 2>&1); torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
 
@@ -110,3 +118,6 @@ TRITON_INTERPRET=1 AXPO_KERNEL_BACKEND=triton OMP_NUM_THREADS=2 \
   "$VENV/bin/python" benchmarks/gpu_smoke.py run --tiny --device cpu --out "$OUTDIR/tiny" --work "$REH/work" \
   --budget-s 1800
 echo "rehearse: OK; summaries in $OUTDIR (install.json, rehearse/gpu_smoke.json, tiny/gpu_smoke.json)"
+}
+
+main "$@"; exit $?   # on one line: bash must not read past it (the file may change meanwhile)
