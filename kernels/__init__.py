@@ -16,19 +16,30 @@ with a fake implementation and registered autograd, so the public functions trac
 FakeTensorMode (any device) and torch.compile(fullgraph=True) without graph breaks.
 """
 
-from .dispatch import HAS_TRITON, backend_for
-from .linear_logprob_entropy import linear_logprob_entropy
-from .linear_policy_loss import linear_policy_loss
-from .logprob_entropy import logprob_entropy
-from .policy_loss import clipped_policy_loss, group_advantages, grouped_policy_loss
+if __name__ != "axpo.kernels":
+    # Imported under another name, i.e. as a bare top-level `kernels` because this checkout's root
+    # is on sys.path (benchmarks, `python -m pytest` from the root): transformers imports
+    # `kernels` to probe for Hugging Face's package of that name. Registering the ops again here
+    # would make torch replace the `axpo::` ops by name (custom_op overwrites), leaving the
+    # handles axpo.kernels holds dangling: "schema_.has_value() INTERNAL ASSERT FAILED",
+    # std::bad_alloc or a segfault in the next call. So this name gets an empty module with no
+    # submodules and no version (transformers then reports its package as unavailable).
+    __path__ = []
+    __all__ = []
+else:
+    from .dispatch import HAS_TRITON, backend_for
+    from .linear_logprob_entropy import linear_logprob_entropy
+    from .linear_policy_loss import linear_policy_loss
+    from .logprob_entropy import logprob_entropy
+    from .policy_loss import clipped_policy_loss, group_advantages, grouped_policy_loss
 
-__all__ = [
-    "logprob_entropy",
-    "linear_logprob_entropy",
-    "group_advantages",
-    "clipped_policy_loss",
-    "grouped_policy_loss",
-    "linear_policy_loss",
-    "backend_for",
-    "HAS_TRITON",
-]
+    __all__ = [
+        "logprob_entropy",
+        "linear_logprob_entropy",
+        "group_advantages",
+        "clipped_policy_loss",
+        "grouped_policy_loss",
+        "linear_policy_loss",
+        "backend_for",
+        "HAS_TRITON",
+    ]

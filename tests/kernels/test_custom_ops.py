@@ -276,3 +276,40 @@ def test_compile_fullgraph_matches_eager(fn):
     got = run(torch.compile(fn, backend="aot_eager", fullgraph=True))
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+_SHADOW_CHECK = r"""
+import importlib, sys
+sys.path.insert(0, sys.argv[1])          # a checkout's root: its kernels/ is importable as `kernels`
+import torch
+from torch._library.custom_ops import OPDEFS
+import axpo.kernels as ak
+from axpo.kernels import policy_loss as pl
+before = OPDEFS["axpo::policy_loss"]
+importlib.import_module("kernels")       # what transformers does to probe for HF's `kernels`
+try:
+    importlib.import_module("kernels.policy_loss")
+except ImportError:
+    pass
+assert OPDEFS["axpo::policy_loss"] is before is pl.policy_loss_op, "axpo::policy_loss was registered again"
+x = torch.randn(3, 7, requires_grad=True)
+loss, _ = ak.clipped_policy_loss(x, x.detach(), torch.ones(3, 7), torch.ones(3, 7))
+loss.backward()
+assert torch.isfinite(x.grad).all()
+print("ok")
+"""
+
+
+def test_bare_kernels_import_does_not_replace_the_ops():
+    """With the repository root on sys.path (benchmarks, `python -m pytest` from the root),
+    transformers imports `kernels` looking for Hugging Face's package: that must not re-register
+    the `axpo::` ops (torch would replace them by name and the handles axpo.kernels holds would
+    dangle: an INTERNAL ASSERT, std::bad_alloc or a segfault in a later call)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _SHADOW_CHECK, root], capture_output=True, text=True, cwd="/",
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
