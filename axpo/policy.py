@@ -7,6 +7,11 @@ tensor is ever built.
 
 Batches are right-padded rows of whole trajectories (prompt + all turns, images included);
 3-D M-RoPE positions come from the model's own `get_rope_index` via `mm_token_type_ids`.
+A right-padded batch (every `pack`ed one) runs plain causal attention without the padding mask:
+a real token attends only to earlier positions, all real, so its output is the masked forward's
+(up to float order), while the SDPA kernel takes its causal path (it skips the upper triangle
+instead of reading a [B, 1, L, L] mask). Positions of real tokens do not change either (pads
+follow them); pad positions hold finite garbage, masked by every loss.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class PackedBatch:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     rows: list[int]                  # index of each row's sequence in the caller's list
+    right_padded: bool = False       # every row's real tokens come first (pack's batches)
 
     @property
     def targets(self) -> torch.Tensor:
@@ -45,7 +51,7 @@ class PackedBatch:
             return self
         mv = (lambda t: None if t is None else t.to(device))
         return PackedBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.mm_token_type_ids),
-                           mv(self.pixel_values), mv(self.image_grid_thw), self.rows)
+                           mv(self.pixel_values), mv(self.image_grid_thw), self.rows, self.right_padded)
 
 
 def _on(t: torch.Tensor, device: torch.device | str) -> bool:
@@ -75,7 +81,7 @@ def pack(seqs: list[dict], pad_id: int, image_token_id: int, rows: list[int],
         if device is not None and not _on(pixels, device):
             pixels = pixels.to(device)
     return PackedBatch(torch.tensor(ids, **long), torch.tensor(att, **long), torch.tensor(mm, **long), pixels,
-                       torch.tensor(grids, **long) if grids else None, rows)
+                       torch.tensor(grids, **long) if grids else None, rows, right_padded=True)
 
 
 class PolicyModel(nn.Module):
@@ -106,15 +112,17 @@ class PolicyModel(nn.Module):
         # cache-free forward, so clear it and let get_rope_index compute positions from scratch.
         if hasattr(self.backbone, "rope_deltas"):
             self.backbone.rope_deltas = None
+        # Right padding: causal attention alone gives real tokens the masked result (module doc).
+        att = None if batch.right_padded else batch.attention_mask
         if self.always_run_vision and batch.pixel_values is None:
             # Text-only batch under FSDP: the vision tower still runs (on a dummy image, adding
             # exactly zero) and its output enters through the input embeddings, where image
             # features would, so every rank's collectives happen in the same order, forward and
             # backward. Text-only positions are plain aranges, which the model derives itself.
             embeds = self.backbone.get_input_embeddings()(batch.input_ids) + self._vision_zero()
-            out = self.backbone(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+            out = self.backbone(inputs_embeds=embeds, attention_mask=att, use_cache=False)
         else:
-            out = self.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            out = self.backbone(input_ids=batch.input_ids, attention_mask=att,
                                 mm_token_type_ids=batch.mm_token_type_ids, use_cache=False, **kwargs)
         hidden = out.last_hidden_state[:, :-1]
         logp, ent = linear_logprob_entropy(

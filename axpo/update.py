@@ -1,8 +1,13 @@
 """The policy-gradient update of one RL step.
 
-1. Old-policy log-probs (and entropies, for logging) of every trajectory with the no-grad fused op.
-2. `ppo_epochs` passes over token-budgeted micro-batches: log-probs with grad, the clipped
-   surrogate (`axpo.kernels.clipped_policy_loss`) with per-token advantages, backward.
+1. Old-policy log-probs (and entropies, for logging) of every trajectory with the no-grad fused op
+   (`old_logprobs`), when they can differ from the update's own: with one epoch the update's
+   forward runs on the very weights the old log-probs would come from, so the old log-probs are
+   its own detached log-probs (the ratio is exactly 1) and that pass is skipped; the entropies
+   then come from the update's forward.
+2. `ppo_epochs` passes over token-budgeted micro-batches (grouped by length, `micro_batches`):
+   log-probs with grad, the clipped surrogate (`axpo.kernels.clipped_policy_loss`) with per-token
+   advantages, backward.
 3. The token-mean is global: each micro-batch's loss is scaled by its share of all trained tokens
    of the step across ranks (times the world size, because FSDP averages gradients over ranks), so
    the result does not depend on how tokens were split into micro-batches or ranks.
@@ -75,31 +80,36 @@ def _shifted(x: list[torch.Tensor], idx: list[int], L: int, device: torch.device
 
 @dataclass
 class MicroBatchInputs:
-    """The per-token tensors of one micro-batch, [rows, L-1], on the policy's device."""
+    """The per-token tensors of one micro-batch, [rows, L-1], on the policy's device. `old_logp`
+    is None when the old log-probs are the update forward's own (set from it before the loss)."""
     mask: torch.Tensor
-    old_logp: torch.Tensor
+    old_logp: torch.Tensor | None
     advantages: torch.Tensor
     ref_logp: torch.Tensor | None
     n_local: float            # trained tokens of the micro-batch (host number)
 
 
 def micro_batch_inputs(idx: list[int], real: bool, L: int, *, masks: list[torch.Tensor],
-                       old: list[torch.Tensor], token_adv: list[torch.Tensor],
+                       old: list[torch.Tensor] | None, token_adv: list[torch.Tensor],
                        ref_logps: list[torch.Tensor] | None, n_tokens: list[float],
                        device: torch.device | str) -> MicroBatchInputs:
     """Mask (x0 for a dummy micro-batch), old log-probs, advantages and reference log-probs of the
-    rows `idx`, aligned with the next-token log-probs of a batch of width L, built on `device`.
-    `n_tokens[i]`: row i's trained-token count, from the host masks."""
+    rows `idx`, aligned with the next-token log-probs of a batch of width L, built on `device`
+    (`old=None`: no old log-probs yet, see MicroBatchInputs). `n_tokens[i]`: row i's trained-token
+    count, from the host masks."""
     mask = _shifted(masks, idx, L, device) * float(real)
     ref = _shifted(ref_logps, idx, L, device) if ref_logps is not None else None
     n_local = float(sum(n_tokens[i] for i in idx)) * float(real)
-    return MicroBatchInputs(mask, _shifted(old, idx, L, device), _shifted(token_adv, idx, L, device), ref, n_local)
+    old_logp = _shifted(old, idx, L, device) if old is not None else None
+    return MicroBatchInputs(mask, old_logp, _shifted(token_adv, idx, L, device), ref, n_local)
 
 
 def micro_batch_loss(logp: torch.Tensor, inp: MicroBatchInputs, *, clip_low: float, clip_high: float,
                      beta: float, agg: str, normalizer: float) -> tuple[torch.Tensor, dict]:
-    """The clipped surrogate (+ k3 KL) of one micro-batch, scaled by the step's global normalizer."""
-    return clipped_policy_loss(logp, inp.old_logp, inp.advantages, inp.mask, clip_low=clip_low,
+    """The clipped surrogate (+ k3 KL) of one micro-batch, scaled by the step's global normalizer.
+    Without old log-probs (`inp.old_logp` None) they are `logp` itself, detached: ratio 1."""
+    old = inp.old_logp if inp.old_logp is not None else logp.detach()
+    return clipped_policy_loss(logp, old, inp.advantages, inp.mask, clip_low=clip_low,
                                clip_high=clip_high, ref_logp=inp.ref_logp, beta=beta, agg=agg,
                                normalizer=normalizer)
 
@@ -135,15 +145,40 @@ def old_logprobs(policy: PolicyModel, rows: list[dict], fmt, budget: int, temper
     return logps, ents
 
 
+def _deterministic(policy) -> bool:
+    """The policy's forward is a function of its weights and inputs only: no dropout active (a
+    training-mode dropout would make a second forward's log-probs differ from the first's)."""
+    for m in policy.modules():
+        if not m.training:
+            continue
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            return False
+        p = getattr(m, "attention_dropout", 0.0)   # Hugging Face attention modules: a float
+        if isinstance(p, float) and p > 0:
+            return False
+    return True
+
+
 def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.Tensor],
                   masks: list[torch.Tensor], *, fmt, d: Dist, budget: int, temperature: float,
                   clip_low: float, clip_high: float, beta: float, agg: str, epochs: int,
-                  grad_clip: float, ref_policy: PolicyModel | None = None) -> dict:
-    """`ref_policy` (frozen) is needed when beta > 0: the k3 KL to it is added to the loss."""
+                  grad_clip: float, ref_policy: PolicyModel | None = None,
+                  old_pass: bool | None = None) -> dict:
+    """`ref_policy` (frozen) is needed when beta > 0: the k3 KL to it is added to the loss.
+
+    `old_pass`: run the separate old-log-prob forward. None (default): only when it can change
+    the step, i.e. with more than one epoch (or an active dropout); with one epoch the update's
+    forward runs on the weights the old log-probs would come from, so they are its own detached
+    log-probs (ratio exactly 1, TRL skips the pass alike) and the entropies for logging come from
+    that forward. True forces the pass (the reference the skip is tested against)."""
     if beta > 0 and ref_policy is None:
         raise ValueError("algo.beta > 0 needs a reference policy")
+    if old_pass is None:
+        old_pass = epochs != 1 or not _deterministic(policy)
     rows = _rows(trajs)
-    old, ents = old_logprobs(policy, rows, fmt, budget, temperature, d)
+    old = ents = None
+    if old_pass:
+        old, ents = old_logprobs(policy, rows, fmt, budget, temperature, d)
     ref_logps = None
     if beta > 0:
         ref_logps = old_logprobs(ref_policy, rows, fmt, budget, temperature, d)[0]
@@ -157,21 +192,24 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
     device = policy_device(policy)
     masks = [m.to(device) for m in masks]           # once per step, not per micro-batch and epoch
     token_adv = [a.to(device) for a in token_adv]
-    ent_sum = sum(torch.stack([(e * m).sum() for e, m in zip(ents, masks)]).tolist()) if ents else 0.0
+    ent_sums = [torch.stack([(e * m).sum() for e, m in zip(ents, masks)]).sum()] if ents else []
     stats = {"loss": 0.0, "clip_frac": 0.0, "ratio": 0.0, "kl": 0.0, "grad_norm": 0.0,
-             "entropy": all_reduce_sum(ent_sum, d) / max(1.0, g_tok), "trained_tokens": g_tok,
-             "skipped": 0.0}
+             "entropy": 0.0, "trained_tokens": g_tok, "skipped": 0.0}
     if g_tok == 0:
+        stats["entropy"] = all_reduce_sum(float(sum(ent_sums)) if ent_sums else 0.0, d) / max(1.0, g_tok)
         return stats
     batches = even_batches(micro_batches([len(r["tokens"]) for r in rows], budget), d)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for idx, real in batches:
             batch = pack([rows[i] for i in idx], fmt.pad, fmt.image_pad, idx, device=device)
             inp = micro_batch_inputs(idx, real, batch.input_ids.shape[1], masks=masks, old=old,
                                      token_adv=token_adv, ref_logps=ref_logps, n_tokens=n_tokens, device=device)
-            logp, _ = policy(batch, temperature=temperature, return_entropy=False)
+            want_ent = not old_pass and epoch == 0
+            logp, ent = policy(batch, temperature=temperature, return_entropy=want_ent)
+            if want_ent:
+                ent_sums.append((ent.detach().float() * inp.mask).sum())   # x0 for a dummy batch
             if inp.n_local == 0.0:
                 # A dummy or all-masked micro-batch: a zero loss still connected to every parameter
                 # keeps FSDP's gradient collectives in step.
@@ -190,6 +228,8 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
         stats["skipped"] += float(skipped)
         stats["loss"] += loss_all / epochs
         stats["grad_norm"] += norm / epochs
+    ent_sum = float(torch.stack(ent_sums).sum()) if ent_sums else 0.0    # one host read
+    stats["entropy"] = all_reduce_sum(ent_sum, d) / max(1.0, g_tok)
     for k in ("clip_frac", "ratio", "kl"):  # local token-share-weighted means: their sum is global
         stats[k] = all_reduce_sum(stats[k], d)
     return stats

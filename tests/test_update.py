@@ -113,3 +113,116 @@ def test_kl_to_reference_policy(tiny_processor):
     assert any(not torch.allclose(a, c) for a, c in zip(p0.parameters(), p_other.parameters()))
     with pytest.raises(ValueError, match="reference policy"):
         step(0.5, None)
+
+
+def _count_forwards(policy):
+    calls = []
+    fwd = policy.forward
+
+    def counted(batch, **kw):
+        calls.append(batch.input_ids.shape[0])
+        return fwd(batch, **kw)
+
+    policy.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_one_epoch_skips_the_old_logprob_pass_with_the_same_step(tiny_processor, agg):
+    """ppo_epochs=1: the old log-probs are the update forward's own (ratio exactly 1), so the
+    separate no-grad pass is not run; loss, entropy, ratio and the updated weights equal the
+    step with the pass (old_pass=True)."""
+    _run.processor = tiny_processor
+    fmt = AgentFormat(tiny_processor)
+    base = PolicyModel(build_tiny_model(seed=6, processor=tiny_processor))
+    trajs = _trajs((20, 33, 27, 41, 90))
+    masks = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in trajs]
+    adv = [torch.full((len(t.tokens),), a) for t, a in zip(trajs, (1.0, -0.5, 0.25, -1.0, 0.5))]
+    out = {}
+    for old_pass in (True, None):
+        pol = copy.deepcopy(base)
+        calls = _count_forwards(pol)
+        st = policy_update(pol, torch.optim.SGD(pol.parameters(), lr=1.0), trajs, adv, masks, fmt=fmt, d=Dist(),
+                           budget=200, temperature=1.0, clip_low=0.2, clip_high=0.28, beta=0.0, agg=agg,
+                           epochs=1, grad_clip=1e9, old_pass=old_pass)
+        out[old_pass] = st, pol, calls
+    (s_ref, p_ref, c_ref), (s, p, c) = out[True], out[None]
+    assert sum(c) == len(trajs) and sum(c_ref) == 2 * len(trajs)   # one forward per row, not two
+    for k in ("loss", "entropy", "ratio", "clip_frac", "grad_norm", "trained_tokens"):
+        assert s[k] == pytest.approx(s_ref[k], rel=1e-5, abs=1e-7), k
+    assert s["ratio"] == 1.0 and s["clip_frac"] == 0.0 and s["entropy"] > 0
+    for (n, a), b, b0 in zip(p.named_parameters(), p_ref.parameters(), base.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    assert any(not torch.equal(a, b0) for a, b0 in zip(p.parameters(), base.parameters()))
+
+
+def test_two_epochs_and_dropout_keep_the_old_logprob_pass(tiny_processor):
+    _run.processor = tiny_processor
+    fmt = AgentFormat(tiny_processor)
+    trajs = _trajs((20, 33))
+    masks = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in trajs]
+    adv = [torch.full((len(t.tokens),), a) for t, a in zip(trajs, (1.0, -1.0))]
+    for epochs, dropout in ((2, 0.0), (1, 0.1)):
+        pol = PolicyModel(build_tiny_model(seed=7, processor=tiny_processor))
+        if dropout:
+            pol.hf.model.language_model.layers[0].self_attn.attention_dropout = dropout
+        calls = _count_forwards(pol)
+        policy_update(pol, torch.optim.SGD(pol.parameters(), lr=0.1), trajs, adv, masks, fmt=fmt, d=Dist(),
+                      budget=10_000, temperature=1.0, clip_low=0.2, clip_high=0.28, beta=0.0, agg="token-mean",
+                      epochs=epochs, grad_clip=1e9)
+        assert len(calls) == 1 + epochs, (epochs, dropout)   # the old pass, then one forward per epoch
+
+
+def test_micro_batches_group_by_length_under_the_budget():
+    from axpo.batching import micro_batches
+
+    # AXPO mode's mix: many one-turn rows and a few long two-turn rows.
+    lengths = [28, 32, 59, 86] + [89] * 33 + [90] * 23 + [175, 196, 207, 217]
+    groups = micro_batches(lengths, 1 << 16)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert len(groups) == 2 and padded == 60 * 90 + 4 * 217          # not 64 x 217 = 13,888
+    # Near-equal lengths stay together (a split would save less than a pass costs).
+    assert len(micro_batches([80] * 10 + [90] * 54, 1 << 16)) == 1
+    for budget in (45, 100, 500, 2000):
+        gs = micro_batches(lengths, budget)
+        assert sorted(i for g in gs for i in g) == list(range(len(lengths)))
+        assert all(len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget for g in gs)
+    assert micro_batches([], 100) == [] and micro_batches([500, 3], 100) == [[1], [0]]
+
+
+def test_right_padded_batch_without_mask_equals_masked_forward(tiny_processor):
+    """pack()'s batches run causal attention without the padding mask: real positions' log-probs
+    and the gradients of a masked loss equal the masked forward's, images included."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from axpo.policy import pack
+
+    fmt = AgentFormat(tiny_processor)
+    policy = PolicyModel(build_tiny_model(seed=8, processor=tiny_processor))
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i, n in enumerate((7, 30, 15)):
+        img = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (28 + 14 * i, 42, 3), dtype=np.uint8))]
+        ch = fmt.prompt(f"question {i}", img if i != 1 else [], None)
+        rows.append({"tokens": ch.ids + torch.randint(10, 500, (n,), generator=g).tolist(),
+                     "pixel_values": ch.pixel_values, "grids": ch.grids})
+    batch = pack(rows, fmt.pad, fmt.image_pad, [0, 1, 2])
+    assert batch.right_padded and batch.pixel_values is not None
+    assert len({len(r["tokens"]) for r in rows}) == 3                # real padding
+    real = batch.attention_mask[:, 1:].float()
+    grads = []
+    for b in (batch, dataclasses.replace(batch, right_padded=False)):
+        policy.zero_grad()
+        lp, ent = policy(b, return_entropy=True)
+        ((lp * real).sum() + (ent * real).sum()).backward()
+        grads.append(([p.grad.clone() for p in policy.parameters() if p.grad is not None], lp * real, ent * real))
+    (ga, lpa, ea), (gb, lpb, eb) = grads
+    torch.testing.assert_close(lpa, lpb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ea, eb, rtol=1e-5, atol=1e-5)
+    assert len(ga) == len(gb) and len(ga) > 0
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
