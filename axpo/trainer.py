@@ -158,8 +158,9 @@ class Trainer:
 
     def _build_engine(self, engine_model):
         """`rollout.engine`: the built-in engine over the engine copy, or vLLM (one in-process
-        engine per rank, loaded from a folder rank 0 writes from its copy; the config check has
-        already said what to install if vLLM is missing)."""
+        engine per rank, loaded from `model.name`, or for the tiny model from a folder rank 0
+        writes from its copy; the config check has already said what to install if vLLM is
+        missing)."""
         cfg, r = self.cfg, self.cfg.rollout
         if r.engine == "builtin":
             return Engine(engine_model, block_size=r.block_size, max_kv_tokens=r.max_kv_tokens, device=self.d.device)
