@@ -1182,8 +1182,13 @@ def train_worker(args) -> int:
         d = orig()
         import torch.distributed as dist
 
-        info.update(device=str(d.device), world=d.world,
-                    backend=str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else None)
+        info.update(device=str(d.device), world=d.world, backend=None)
+        if dist.is_available() and dist.is_initialized():
+            try:   # "cuda:nccl,cpu:gloo" for the two-backend group axpo.distributed builds on CUDA
+                info["backend"] = str(dist.get_backend_config() if hasattr(dist, "get_backend_config")
+                                      else dist.get_backend())
+            except Exception as e:
+                info["backend"] = f"unknown ({type(e).__name__}: {e})"
         return d
 
     ad.init = init
