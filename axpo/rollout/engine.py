@@ -53,7 +53,7 @@ class _Seq:
 
     def __init__(self, tokens, spans, logits, version, pinned=False):
         self.tokens: list[int] = tokens
-        self.spans = spans                       # tuple[ImageSpan, ...]
+        self.spans = spans                       # tuple[ImagePositions, ...]
         self.logits: torch.Tensor | None = logits
         self.version: int = version
         self.pinned: bool = pinned

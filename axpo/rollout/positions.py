@@ -18,9 +18,11 @@ import torch
 
 
 @dataclass(frozen=True)
-class ImageSpan:
+class ImagePositions:
     """Image pad tokens [start, end) of a sequence, their (t, h, w) patch grid and the position
-    of the grid's first token."""
+    of the grid's first token: where an image sits in M-RoPE position space (the engine's view).
+    Not `axpo.agent.trajectory.ImageSpan`, the trajectory's record of which tokens are an image
+    and whether a tool returned it."""
 
     start: int
     end: int
@@ -45,7 +47,7 @@ class ImageSpan:
         return grid
 
 
-def next_position(spans: tuple[ImageSpan, ...], index: int) -> int:
+def next_position(spans: tuple[ImagePositions, ...], index: int) -> int:
     """Position of a text token at `index` (equivalently, the next position after `index` tokens)."""
     for s in reversed(spans):
         if s.end <= index:
@@ -53,12 +55,12 @@ def next_position(spans: tuple[ImageSpan, ...], index: int) -> int:
     return index
 
 
-def text_position_delta(spans: tuple[ImageSpan, ...]) -> int:
+def text_position_delta(spans: tuple[ImagePositions, ...]) -> int:
     """Position minus token index for text after the last image (transformers' rope delta)."""
     return spans[-1].next_pos - spans[-1].end if spans else 0
 
 
-def span_containing(spans: tuple[ImageSpan, ...], index: int) -> ImageSpan | None:
+def span_containing(spans: tuple[ImagePositions, ...], index: int) -> ImagePositions | None:
     """The image span strictly containing the cut `index` (a cut inside an image), if any."""
     for s in spans:
         if s.start < index < s.end:
@@ -66,12 +68,12 @@ def span_containing(spans: tuple[ImageSpan, ...], index: int) -> ImageSpan | Non
     return None
 
 
-def spans_before(spans: tuple[ImageSpan, ...], index: int) -> tuple[ImageSpan, ...]:
+def spans_before(spans: tuple[ImagePositions, ...], index: int) -> tuple[ImagePositions, ...]:
     return tuple(s for s in spans if s.end <= index)
 
 
-def add_chunk_spans(spans: tuple[ImageSpan, ...], start: int, token_ids: list[int], image_token_id: int | None,
-                    grids: list[tuple[int, int, int]], merge: int) -> tuple[ImageSpan, ...]:
+def add_chunk_spans(spans: tuple[ImagePositions, ...], start: int, token_ids: list[int], image_token_id: int | None,
+                    grids: list[tuple[int, int, int]], merge: int) -> tuple[ImagePositions, ...]:
     """The spans of a sequence after appending `token_ids` at token index `start`. Each maximal run
     of image tokens is one image and takes the next grid, as in get_rope_index."""
     runs = []
@@ -91,11 +93,11 @@ def add_chunk_spans(spans: tuple[ImageSpan, ...], start: int, token_ids: list[in
         if e - s != want:
             raise ValueError(f"Image features and image tokens do not match: image at tokens [{start + s}, "
                              f"{start + e}) has {e - s} pad tokens, its grid {(t, h, w)} gives {want}")
-        out.append(ImageSpan(start + s, start + e, (t, h, w), next_position(tuple(out), start + s), merge))
+        out.append(ImagePositions(start + s, start + e, (t, h, w), next_position(tuple(out), start + s), merge))
     return tuple(out)
 
 
-def positions(spans: tuple[ImageSpan, ...], start: int, end: int) -> torch.Tensor:
+def positions(spans: tuple[ImagePositions, ...], start: int, end: int) -> torch.Tensor:
     """[3, end - start] M-RoPE positions of tokens [start, end) of a sequence with these spans."""
     parts, i = [], start
     for s in spans:
