@@ -102,7 +102,7 @@ def _shutdown_if_group_alive(core) -> None:
 @dataclass
 class _Seq:
     tokens: list[int]
-    spans: tuple            # tuple[ImageSpan, ...], as the built-in engine keeps them
+    spans: tuple            # tuple[ImagePositions, ...], as the built-in engine keeps them
     images: list            # one PIL image per span, in order
     version: int
     pinned: bool = False
