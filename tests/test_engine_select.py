@@ -144,11 +144,13 @@ for name, t in streamed_weights(policy, bucket_bytes=1 << 14):
     seen.append(name)
 assert sorted(seen) == sorted(want), (len(seen), len(want))
 assert any(hasattr(v, "to_local") for v in policy.state_dict().values())
-print("ok", d.rank, len(seen), flush=True)
+# One file per rank: two ranks printing to one pipe interleave their lines ("okok 0 86").
+open(sys.argv[1] + f"/ok{d.rank}", "w").write(str(len(seen)))
 distributed.close()
 ''')
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "ok 0" in r.stdout and "ok 1" in r.stdout
+    counts = [(tmp_path / f"ok{rank}").read_text() for rank in (0, 1)]
+    assert counts[0] == counts[1] and int(counts[0]) > 0, counts
