@@ -84,6 +84,114 @@ def pack(seqs: list[dict], pad_id: int, image_token_id: int, rows: list[int],
                        torch.tensor(grids, **long) if grids else None, rows, right_padded=True)
 
 
+@dataclass
+class SharedPrefix:
+    """A micro-batch whose rows come in groups with one common token prefix (a prompt's group of
+    completions), forwarded in two stages: each group's prefix once ([G, Pm]), then every row's
+    own suffix ([B, Sm]) attending to its group's prefix keys/values and causally to itself. The
+    prefix's states do not depend on what follows it (causal attention), so every output equals
+    the one-row-per-trajectory forward's (up to float order), at the cost of G x Pm + B x Sm
+    tokens instead of B x L. Built by `shared_prefix` for the LM-head positions `keep` (flat
+    indices into the [B, L-1] outputs, as in `PolicyModel.forward`)."""
+    prefix_ids: torch.Tensor     # [G, Pm], right-padded
+    prefix_pos: torch.Tensor     # [3, G, Pm]
+    suffix_ids: torch.Tensor     # [B, Sm], right-padded
+    suffix_pos: torch.Tensor     # [3, B, Sm]: each row's positions continue its prefix
+    suffix_mask: torch.Tensor    # [B, 1, Sm, Pm + Sm] bool: own prefix, then causal within the suffix
+    group: torch.Tensor          # [B]: each row's group (prefix row)
+    out_r: torch.Tensor          # [K]: row of each kept output ...
+    out_t: torch.Tensor          # [K]: ... and its position in the [B, L-1] layout
+    h_idx: torch.Tensor          # [K]: its hidden state in cat(prefix [G * Pm], suffix [B * Sm])
+    tokens: int                  # G x Pm + B x Sm (host number)
+
+
+def _common_prefix(a: list[int], b: list[int], n: int) -> int:
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def shared_prefix(seqs: list[dict], keep: torch.Tensor, L: int, pad_id: int, *,
+                  device: torch.device | str | None = None, min_saved: int = 0) -> SharedPrefix | None:
+    """The two-stage layout (`SharedPrefix`) of `seqs` (dicts with `tokens` and `prompt_len`;
+    those with the same prompt form a group, whose prefix is the members' longest common prefix,
+    at most one token short of the shortest member), or None when no row holds an image (images
+    take the one-stage path), a row has no `prompt_len`, or sharing would save fewer than
+    `min_saved` tokens. `keep`: host long tensor of the kept output positions (r * (L-1) + t)."""
+    if any(s.get("pixel_values") for s in seqs) or any(s.get("prompt_len") is None for s in seqs):
+        return None
+    toks = [list(s["tokens"]) for s in seqs]
+    by_prompt: dict[tuple, int] = {}
+    group = []
+    for s, t in zip(seqs, toks):
+        group.append(by_prompt.setdefault(tuple(t[: s["prompt_len"]]), len(by_prompt)))
+    G, B = len(by_prompt), len(seqs)
+    plen = [0] * G
+    first = [-1] * G
+    for r, g in enumerate(group):
+        if first[g] < 0:
+            first[g], plen[g] = r, len(toks[r]) - 1
+        else:
+            plen[g] = _common_prefix(toks[first[g]], toks[r], min(plen[g], len(toks[r]) - 1))
+    if min(plen) < 1:
+        return None
+    sizes = [0] * G
+    for g in group:
+        sizes[g] += 1
+    if sum((n - 1) * p for n, p in zip(sizes, plen)) < max(1, min_saved):
+        return None
+    Pm = max(plen)
+    prow = [plen[g] for g in group]
+    Sm = max(len(t) - p for t, p in zip(toks, prow))
+    pre = [toks[first[g]][: plen[g]] + [pad_id] * (Pm - plen[g]) for g in range(G)]
+    suf = [t[p:] + [pad_id] * (Sm - len(t) + p) for t, p in zip(toks, prow)]
+    long = dict(dtype=torch.long, device=device)
+    g_t, p_t = torch.tensor(group, **long), torch.tensor(prow, **long)
+    prefix_pos = torch.arange(Pm, **long).expand(3, G, Pm)
+    suffix_pos = (p_t[:, None] + torch.arange(Sm, **long)[None, :]).expand(3, B, Sm)
+    i = torch.arange(Sm, **long)
+    own_prefix = (torch.arange(Pm, **long)[None, None, :] < p_t[:, None, None]).expand(B, Sm, Pm)
+    causal = (i[None, :] <= i[:, None]).expand(B, Sm, Sm)
+    mask = torch.cat([own_prefix, causal], -1)[:, None]
+    # Kept outputs: position t of row r reads the prefix's state t (t < P) or its suffix's t - P.
+    r = torch.div(keep, L - 1, rounding_mode="floor")
+    t = keep - r * (L - 1)
+    kg, kp = torch.tensor(group, dtype=torch.long)[r], torch.tensor(prow, dtype=torch.long)[r]
+    h_idx = torch.where(t < kp, kg * Pm + t, G * Pm + r * Sm + (t - kp))
+    mv = (lambda x: x.to(device)) if device is not None else (lambda x: x)
+    return SharedPrefix(torch.tensor(pre, **long), prefix_pos, torch.tensor(suf, **long), suffix_pos, mask, g_t,
+                        mv(r), mv(t), mv(h_idx), G * Pm + B * Sm)
+
+
+class _PrefixKV:
+    """The cache the attention layers see in a two-stage forward: the prefix stage records each
+    layer's keys/values; the suffix stage prepends its rows' prefix keys/values to their own."""
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.rows: torch.Tensor | None = None
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        if self.rows is None:
+            self.k[layer_idx], self.v[layer_idx] = k, v
+            return k, v
+        return (torch.cat([self.k[layer_idx].index_select(0, self.rows), k], -2),
+                torch.cat([self.v[layer_idx].index_select(0, self.rows), v], -2))
+
+    # What the model's mask builder asks a cache in the prefix stage (plain causal, nothing seen
+    # before; the suffix stage passes a ready 4-D mask, which it returns as is).
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, q_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return q_length, 0
+
+
 class PolicyModel(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
@@ -100,11 +208,24 @@ class PolicyModel(nn.Module):
     def lm_head(self) -> nn.Linear:
         return self.hf.lm_head
 
-    def forward(self, batch: PackedBatch, *, temperature: float = 1.0, return_entropy: bool = True
+    def forward(self, batch: PackedBatch, *, temperature: float = 1.0, return_entropy: bool = True,
+                keep: torch.Tensor | None = None, shared: SharedPrefix | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probs of the next token (and entropies), shape [B, L-1]; padded positions
-        hold garbage and must be masked by the caller. The batch is moved to the model's device."""
+        hold garbage and must be masked by the caller. The batch is moved to the model's device.
+
+        `keep`: flat indices into the [B, L-1] outputs (position j of row r is r * (L-1) + j) of
+        the only log-probs needed, e.g. the trained tokens: the LM head (its GEMM and the
+        log-softmax over the vocabulary) runs on those positions alone and every other output is
+        0. The RL loss needs no prompt or tool-output position, and at a large vocabulary the head
+        is a large share of the step (TRL likewise computes only the completion's logits).
+
+        `shared` (with `keep`, built for the same rows and keep): the two-stage shared-prefix
+        forward (`SharedPrefix`), same outputs. Not under FSDP (`always_run_vision`): there every
+        rank must run the same forwards."""
         batch = batch.to(self.lm_head.weight.device)
+        if shared is not None and keep is not None and not self.always_run_vision:
+            return self._shared_forward(batch, shared, temperature, return_entropy)
         kwargs = {}
         if batch.pixel_values is not None:
             kwargs = dict(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
@@ -124,12 +245,54 @@ class PolicyModel(nn.Module):
         else:
             out = self.backbone(input_ids=batch.input_ids, attention_mask=att,
                                 mm_token_type_ids=batch.mm_token_type_ids, use_cache=False, **kwargs)
+        if keep is not None:
+            return self._head_at(out.last_hidden_state, batch.targets, keep.to(batch.device), temperature,
+                                 return_entropy)
         hidden = out.last_hidden_state[:, :-1]
         logp, ent = linear_logprob_entropy(
             hidden, self.lm_head.weight, batch.targets, bias=self.lm_head.bias,
             temperature=temperature, return_entropy=return_entropy)
         # Clones: FSDP warns that in-place ops on a returned view would skip its backward hook.
         return logp.clone(), (ent.clone() if ent is not None else None)
+
+    def _shared_forward(self, batch: PackedBatch, sp: SharedPrefix, temperature: float, return_entropy: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if hasattr(self.backbone, "rope_deltas"):
+            self.backbone.rope_deltas = None
+        kv = _PrefixKV()
+        # Prefix stage: right-padded, causal (pads follow each prefix and are masked below).
+        pre = self.backbone(input_ids=sp.prefix_ids, position_ids=sp.prefix_pos, cache=kv,
+                            use_cache=True).last_hidden_state
+        kv.rows = sp.group
+        suf = self.backbone(input_ids=sp.suffix_ids, attention_mask=sp.suffix_mask, position_ids=sp.suffix_pos,
+                            cache=kv, use_cache=True).last_hidden_state
+        H = pre.shape[-1]
+        hidden = torch.cat([pre.reshape(-1, H), suf.reshape(-1, H)]).index_select(0, sp.h_idx)
+        B, L = batch.input_ids.shape
+        lp, en = linear_logprob_entropy(hidden, self.lm_head.weight, batch.targets[sp.out_r, sp.out_t],
+                                        bias=self.lm_head.bias, temperature=temperature,
+                                        return_entropy=return_entropy)
+        zeros = lp.new_zeros(B, L - 1)
+        logp = zeros.index_put((sp.out_r, sp.out_t), lp)
+        ent = zeros.index_put((sp.out_r, sp.out_t), en) if en is not None else None
+        return logp, ent
+
+    def _head_at(self, hidden: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, temperature: float,
+                 return_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head at the flat output positions `keep` only (see forward), scattered into zeros."""
+        B, L, H = hidden.shape
+        r = torch.div(keep, L - 1, rounding_mode="floor")
+        j = keep - r * (L - 1)
+        # Output position (r, j) reads hidden row r * L + j (of the [B, L, H] states, no copy).
+        lp, en = linear_logprob_entropy(
+            hidden.reshape(B * L, H).index_select(0, keep + r), self.lm_head.weight,
+            targets.reshape(-1).index_select(0, keep), bias=self.lm_head.bias, temperature=temperature,
+            return_entropy=return_entropy)
+        # Out-of-place index_put: fresh [B, L-1] tensors (not views; see the clones in forward).
+        zeros = lp.new_zeros(B, L - 1)
+        logp = zeros.index_put((r, j), lp)
+        ent = zeros.index_put((r, j), en) if en is not None else None
+        return logp, ent
 
     def _vision_zero(self) -> torch.Tensor:
         """Exactly zero, but computed through the vision tower on the smallest valid image (one

@@ -6,8 +6,10 @@
    its own detached log-probs (the ratio is exactly 1) and that pass is skipped; the entropies
    then come from the update's forward.
 2. `ppo_epochs` passes over token-budgeted micro-batches (grouped by length, `micro_batches`):
-   log-probs with grad, the clipped surrogate (`axpo.kernels.clipped_policy_loss`) with per-token
-   advantages, backward.
+   log-probs with grad (the LM head only at the trained tokens, `kept_positions`; in a single
+   process each group's common prefix, e.g. the prompt of a group of completions, forwarded once,
+   `axpo.policy.SharedPrefix`), the clipped surrogate (`axpo.kernels.clipped_policy_loss`) with
+   per-token advantages, backward.
 3. The token-mean is global: each micro-batch's loss is scaled by its share of all trained tokens
    of the step across ranks (times the world size, because FSDP averages gradients over ranks), so
    the result does not depend on how tokens were split into micro-batches or ranks.
@@ -29,10 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from axpo.batching import micro_batches
+from axpo.batching import DEFAULT_OVERHEAD_TOKENS, micro_batches
 from axpo.distributed import Dist, all_reduce_sum, even_batches
 from axpo.kernels import clipped_policy_loss
-from axpo.policy import PolicyModel, pack
+from axpo.policy import PolicyModel, pack, shared_prefix
 
 
 def optimizer_step(policy, optimizer, local_loss: float, grad_clip: float, d: Dist) -> tuple[float, float, bool]:
@@ -50,8 +52,8 @@ def optimizer_step(policy, optimizer, local_loss: float, grad_clip: float, d: Di
 
 
 def _rows(trajs) -> list[dict]:
-    return [{"tokens": t.tokens, "pixel_values": t.pixel_values, "grids": [s.grid_thw for s in t.image_spans]}
-            for t in trajs]
+    return [{"tokens": t.tokens, "pixel_values": t.pixel_values, "grids": [s.grid_thw for s in t.image_spans],
+             "prompt_len": t.prompt_len} for t in trajs]
 
 
 def policy_device(policy) -> torch.device:
@@ -112,6 +114,18 @@ def micro_batch_loss(logp: torch.Tensor, inp: MicroBatchInputs, *, clip_low: flo
     return clipped_policy_loss(logp, old, inp.advantages, inp.mask, clip_low=clip_low,
                                clip_high=clip_high, ref_logp=inp.ref_logp, beta=beta, agg=agg,
                                normalizer=normalizer)
+
+
+def kept_positions(masks: list[torch.Tensor], idx: list[int], L: int, device: torch.device | str) -> torch.Tensor:
+    """Flat indices into a micro-batch's [rows, L-1] next-token outputs of its trained tokens
+    (`masks[i][j] > 0`, j >= 1, at output position j - 1 of row r: r * (L-1) + j - 1), on
+    `device`: the positions whose log-probs the loss reads (`PolicyModel.forward(keep=)`). Built
+    from the host masks, so the index's size needs no device read."""
+    parts = []
+    for r, i in enumerate(idx):
+        m = masks[i].narrow(0, 1, max(0, min(L, masks[i].shape[0]) - 1))
+        parts.append(torch.nonzero(m > 0).squeeze(1) + r * (L - 1))
+    return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def supervised_mask(masks: list[list[int]], idx: list[int], real: bool, L: int, *, dtype: torch.dtype,
@@ -190,6 +204,7 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
     g_tok = all_reduce_sum(n_tok, d)
     g_seq = all_reduce_sum(n_seq, d)
     device = policy_device(policy)
+    host_masks = masks                              # for the trained positions' indices (host sizes)
     masks = [m.to(device) for m in masks]           # once per step, not per micro-batch and epoch
     token_adv = [a.to(device) for a in token_adv]
     ent_sums = [torch.stack([(e * m).sum() for e, m in zip(ents, masks)]).sum()] if ents else []
@@ -207,7 +222,17 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
             inp = micro_batch_inputs(idx, real, batch.input_ids.shape[1], masks=masks, old=old,
                                      token_adv=token_adv, ref_logps=ref_logps, n_tokens=n_tokens, device=device)
             want_ent = not old_pass and epoch == 0
-            logp, ent = policy(batch, temperature=temperature, return_entropy=want_ent)
+            # The head only where the loss reads (trained tokens); a dummy or all-masked batch runs
+            # it everywhere, so its zero loss still reaches every parameter.
+            keep = shared = None
+            if inp.n_local:
+                L = batch.input_ids.shape[1]
+                keep = kept_positions(host_masks, idx, L, "cpu")
+                if not d.enabled:   # single process: each group's shared prefix forwarded once
+                    shared = shared_prefix([rows[i] for i in idx], keep, L, fmt.pad, device=device,
+                                           min_saved=DEFAULT_OVERHEAD_TOKENS)
+                keep = keep.to(device)
+            logp, ent = policy(batch, temperature=temperature, return_entropy=want_ent, keep=keep, shared=shared)
             if want_ent:
                 ent_sums.append((ent.detach().float() * inp.mask).sum())   # x0 for a dummy batch
             if inp.n_local == 0.0:

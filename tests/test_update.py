@@ -226,3 +226,114 @@ def test_right_padded_batch_without_mask_equals_masked_forward(tiny_processor):
     assert len(ga) == len(gb) and len(ga) > 0
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_head_at_kept_positions_equals_the_full_head(tiny_processor):
+    """forward(keep=trained positions) runs the LM head there only: those log-probs/entropies and
+    the gradients of a loss over them equal the full head's; every other output is 0."""
+    from axpo.policy import pack
+    from axpo.update import kept_positions
+
+    fmt = AgentFormat(tiny_processor)
+    policy = PolicyModel(build_tiny_model(seed=9, processor=tiny_processor))
+    trajs = _trajs((20, 33, 27))
+    rows = [{"tokens": t.tokens, "pixel_values": [], "grids": []} for t in trajs]
+    masks = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in trajs]
+    masks[1][12:20] = 0                              # a tool output inside a completion
+    batch = pack(rows, fmt.pad, fmt.image_pad, [0, 1, 2])
+    L = batch.input_ids.shape[1]
+    keep = kept_positions(masks, [0, 1, 2], L, "cpu")
+    m = torch.stack([torch.nn.functional.pad(x[1:], (0, L - x.shape[0])) for x in masks])
+    assert keep.numel() == int(m.sum()) and torch.equal(m.reshape(-1).nonzero().squeeze(1), keep)
+    out = []
+    for k in (None, keep):
+        policy.zero_grad()
+        lp, ent = policy(batch, return_entropy=True, keep=k)
+        ((lp * m).sum() * 0.7 - (ent * m).sum() * 0.1).backward()
+        out.append((lp, ent, [p.grad.clone() for p in policy.parameters() if p.grad is not None]))
+    (lp0, e0, g0), (lp1, e1, g1) = out
+    torch.testing.assert_close(lp1 * m, lp0 * m, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(e1 * m, e0 * m, rtol=1e-6, atol=1e-6)
+    assert torch.all(lp1[m == 0] == 0) and torch.all(e1[m == 0] == 0)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _group_trajs(n_groups=3, per_group=4, seed=0):
+    """Groups of trajectories sharing a prompt (a GRPO step's shape), completions of mixed length."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for q in range(n_groups):
+        P = 12 + q
+        prompt = torch.randint(0, 600, (P,), generator=g).tolist()
+        for k in range(per_group):
+            n = int(torch.randint(1, 30, (1,), generator=g))
+            toks = prompt + torch.randint(0, 600, (n,), generator=g).tolist()
+            out.append(Trajectory(uid=f"t{q}_{k}", sample_uid=f"q{q}", group=q, prompt_len=P, tokens=toks,
+                                  loss_mask=[0] * P + [1] * n, logprobs=[0.0] * len(toks),
+                                  entropies=[0.0] * len(toks)))
+    return out
+
+
+def test_shared_prefix_forward_equals_one_row_per_trajectory(tiny_processor):
+    """Two-stage forward (each group's prompt once, then every row's completion against its
+    group's prefix KV): the kept log-probs/entropies and the gradients equal the plain forward's."""
+    from axpo.policy import pack, shared_prefix
+    from axpo.update import _rows, kept_positions
+
+    fmt = AgentFormat(tiny_processor)
+    policy = PolicyModel(build_tiny_model(seed=10, processor=tiny_processor))
+    trajs = _group_trajs()
+    trajs[5].tokens[-1] = trajs[4].tokens[-1]          # members may share more than the prompt
+    rows = _rows(trajs)
+    masks = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in trajs]
+    idx = list(range(len(rows)))
+    batch = pack(rows, fmt.pad, fmt.image_pad, idx)
+    L = batch.input_ids.shape[1]
+    keep = kept_positions(masks, idx, L, "cpu")
+    sp = shared_prefix(rows, keep, L, fmt.pad)
+    assert sp is not None and sp.prefix_ids.shape[0] == 3 and sp.tokens < batch.input_ids.numel()
+    assert shared_prefix(rows, keep, L, fmt.pad, min_saved=10_000) is None
+    m = torch.stack([torch.nn.functional.pad(x[1:], (0, L - x.shape[0])) for x in masks])
+    out = []
+    for s in (None, sp):
+        policy.zero_grad()
+        lp, ent = policy(batch, return_entropy=True, keep=keep, shared=s)
+        ((lp * m).sum() - 0.3 * (ent * m).sum()).backward()
+        out.append((lp, ent, [p.grad.clone() for p in policy.parameters() if p.grad is not None]))
+    (lp0, e0, g0), (lp1, e1, g1) = out
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-5)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):   # float order differs (a prefix's gradient is summed over its rows first)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_update_with_shared_prefixes_equals_the_plain_update(tiny_processor, monkeypatch):
+    import axpo.update as up
+
+    _run.processor = tiny_processor
+    base = PolicyModel(build_tiny_model(seed=11, processor=tiny_processor))
+    trajs = _group_trajs(seed=1)
+    adv = [float(i % 4) - 1.5 for i in range(len(trajs))]
+    calls = []
+    real = up.shared_prefix
+
+    def counted(*a, **k):
+        k["min_saved"] = 0
+        sp = real(*a, **k)
+        calls.append(sp is not None)
+        return sp
+
+    monkeypatch.setattr(up, "shared_prefix", counted)
+    a = copy.deepcopy(base)
+    sa = _run(a, trajs, adv, budget=10_000)
+    assert calls == [True]
+    monkeypatch.setattr(up, "shared_prefix", lambda *a, **k: None)
+    b = copy.deepcopy(base)
+    sb = _run(b, trajs, adv, budget=10_000)
+    for k in ("loss", "entropy", "grad_norm"):
+        assert sa[k] == pytest.approx(sb[k], rel=1e-5, abs=1e-7), k
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
