@@ -33,3 +33,23 @@ def tiny_model(tiny_processor):
     model = build_tiny_model(seed=0, processor=tiny_processor)
     model.eval()
     return model
+
+
+@pytest.fixture
+def two_gloo_ranks(tmp_path):
+    """Run a Python snippet as two gloo ranks (plain processes sharing a file:// rendezvous); the
+    snippet gets `rank` and `init` as argv[1], argv[2]. Returns each rank's last stdout line."""
+    import subprocess
+    import sys
+
+    def run(code: str) -> list[str]:
+        init = f"file://{tmp_path / 'pg'}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(r), init], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
+        outs = [p.communicate(timeout=180) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-2000:]
+        return [out.strip().splitlines()[-1] for out, _ in outs]
+
+    return run
