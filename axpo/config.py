@@ -158,8 +158,14 @@ class TrainerConfig:
     keep_last: int | None = 3
     resume: bool = False
     init_from: str | None = None              # start RL from these weights (DCP checkpoint or HF folder); skips pretrain and SFT
+    # The stage `init_from` starts: "rl", or "sft" (SFT from pre-trained weights: the lockers
+    # comparison pre-trains once and runs SFT per argument skill from that checkpoint).
+    init_stage: Literal["sft", "rl"] = "rl"
     evaluate: bool = True                     # Pass@k on held-out questions after SFT and after RL
     eval_samples: int = 4                     # n samples per question for Pass@k
+    # The "after_sft" evaluation. Off for RL runs that start from an SFT checkpoint evaluated once
+    # already (benchmarks/axpo_vs_grpo.py starts dozens from one).
+    eval_after_sft: bool = True
     # Also evaluate every this many RL steps (0: only after SFT and after RL); the numbers go into
     # that step's metrics row as eval/<name> and into evals.json as rl_step_<n>.
     eval_every: int = 0

@@ -37,16 +37,22 @@ class RolloutCounts:
     tool_calls: int = 0
     tool_errors: int = 0          # calls whose result was an error (unknown tool, bad format, ...)
     new_tokens: int = 0           # tokens sampled by these rollouts themselves (new_tokens)
+    # Tool users whose first call was the right one, and those of them that were correct: counted
+    # only where the task can tell a right call (`call_correct`, e.g. the lockers task), else 0.
+    right_callers: int = 0
+    correct_right_callers: int = 0
 
     @classmethod
-    def of(cls, trajs, rewards: list[float] | None = None) -> RolloutCounts:
-        """Counts of `trajs`; `rewards` (one per rollout) instead of each rollout's own `reward`."""
+    def of(cls, trajs, rewards: list[float] | None = None, call_correct=None) -> RolloutCounts:
+        """Counts of `trajs`; `rewards` (one per rollout) instead of each rollout's own `reward`.
+        `call_correct(call: dict) -> bool` (the question's check of a {"name", "arguments"} call)
+        enables the right-call counts."""
         trajs = list(trajs)
         rewards = [t.reward for t in trajs] if rewards is None else list(rewards)
         if len(rewards) != len(trajs):
             raise ValueError(f"{len(rewards)} rewards for {len(trajs)} rollouts")
         ok = [r > 0 for r in rewards]
-        return cls(
+        out = cls(
             rollouts=len(trajs),
             correct=sum(ok),
             tool_users=sum(bool(t.used_tool) for t in trajs),
@@ -55,6 +61,12 @@ class RolloutCounts:
             tool_calls=sum(len(t.tool_calls) for t in trajs),
             tool_errors=sum(c.error is not None for t in trajs for c in t.tool_calls),
             new_tokens=sum(new_tokens(t) for t in trajs))
+        if call_correct is not None:
+            right = [bool(t.tool_calls) and bool(call_correct(
+                {"name": t.tool_calls[0].name, "arguments": t.tool_calls[0].arguments})) for t in trajs]
+            out.right_callers = sum(right)
+            out.correct_right_callers = sum(r and o for r, o in zip(right, ok))
+        return out
 
     def __add__(self, other: RolloutCounts) -> RolloutCounts:
         return RolloutCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -80,4 +92,6 @@ class RolloutCounts:
             "tool_error_rate": ratio(self.tool_errors, self.tool_calls, undefined),
             "accuracy_with_tool": ratio(self.correct_tool_users, self.tool_users, undefined),
             "accuracy_without_tool": ratio(self.correct - self.correct_tool_users, without, undefined),
+            "right_call_rate": ratio(self.right_callers, self.tool_users, undefined),
+            "accuracy_after_right_call": ratio(self.correct_right_callers, self.right_callers, undefined),
         }

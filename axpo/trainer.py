@@ -302,7 +302,7 @@ class Trainer:
                       + (f"; dropped {dropped} metrics rows logged after it" if dropped else ""), flush=True)
         elif cfg.trainer.init_from:
             self.load_policy(cfg.trainer.init_from)
-            stage = "rl"
+            stage = cfg.trainer.init_stage
         # Each stage starts with a fresh optimiser and schedule, unless resumed mid-stage.
         for name, train in (("pretrain", self.pretrain), ("sft", self.sft)):
             if stage != name:
@@ -316,7 +316,7 @@ class Trainer:
         if self.optimizer is None:
             self._make_optimizer(cfg.rl)
         self.sync_engine()
-        if "after_sft" not in evals:
+        if "after_sft" not in evals and cfg.trainer.eval_after_sft:
             evals["after_sft"] = self.evaluate("after_sft")
             self._save_evals(evals)
         self._evals = evals   # RL adds its periodic evaluations (trainer.eval_every)
@@ -464,7 +464,7 @@ class Trainer:
         ref = distributed.shard(PolicyModel(copy.deepcopy(self._skeleton)), d,
                                 mixed_precision=self._dtype == torch.float32, activation_checkpointing=False)
         materialize(ref, d.device, buffers_from=self.policy)
-        src = self.cfg.trainer.init_from
+        src = self.cfg.trainer.init_from if self.cfg.trainer.init_stage == "rl" else None
         if src is None:
             done = sorted(self.ckpt.root.glob("step_sft_*"))
             src = str(done[-1]) if done else None

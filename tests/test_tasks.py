@@ -11,7 +11,7 @@ from axpo.tools import ToolContext, build_tools
 
 @pytest.fixture(scope="module")
 def registry():
-    return build_tools(["image_zoom_in", "python", "search"])
+    return build_tools(["image_zoom_in", "python", "search", "open_locker"])
 
 
 def _fingerprint(s: Sample):
@@ -92,7 +92,7 @@ def test_verify_choice_letter_or_text():
 def test_oracle_call_makes_the_answer_readable(name, registry):
     spec = TASKS[name]
     for s in generate_task(name, 6, seed=5):
-        call, result = registry.execute(json.dumps(s.oracle_call), ToolContext(images=list(s.images)))
+        call, result = registry.execute(json.dumps(s.oracle_call), ToolContext(images=list(s.images), sample=s))
         assert result.error is None, result.text
         reading = spec.read_tool_output(s, result)
         assert verify(s, f"\\boxed{{{reading}}}") == 1.0, (s.question, result.text, reading)
@@ -185,7 +185,7 @@ def test_demonstrations_are_well_formed(registry):
             fn = d.messages[i - 1]["tool_calls"][0]["function"]
             n_before = count_images(d.messages[:i])
             _, result = registry.execute(json.dumps({"name": fn["name"], "arguments": fn["arguments"]}),
-                                         ToolContext(images=d.images[:n_before]))
+                                         ToolContext(images=d.images[:n_before], sample=s))
             assert m["content"][-1]["text"] == result.text
             tool_imgs = d.images[n_before: n_before + len(result.images)]
             assert [np.asarray(a).tobytes() for a in tool_imgs] == [np.asarray(b).tobytes() for b in result.images]

@@ -215,6 +215,21 @@ def test_init_from_starts_rl_from_given_weights(smoke_run, tmp_path):
     assert a == b
 
 
+def test_init_stage_sft_runs_sft_from_given_weights(smoke_run, tmp_path):
+    """trainer.init_stage=sft: SFT (not pre-training) from the given weights, RL's reference policy
+    is then the new SFT checkpoint, and eval_after_sft=false leaves that evaluation out."""
+    import json
+
+    out = tmp_path / "init_sft"
+    launch(out, f"trainer.init_from={smoke_run / 'hf'}", "trainer.init_stage=sft", "rl.steps=1",
+           "trainer.eval_after_sft=false")
+    assert rows(out, "pretrain") == [] and [r["step"] for r in rows(out, "sft")] == [1, 2, 3]
+    assert [r["step"] for r in rows(out, "rl")] == [1]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_sft_*")) == ["step_sft_000003"]
+    evals = json.loads((out / "evals.json").read_text())
+    assert "after_sft" not in evals and "pass@1" in evals["after_rl"]
+
+
 # --------------------------------------------------------------------------------------------
 # Issue #18 (R1, NaN) and #13: resume that never restarts silently, retention, skipped steps
 

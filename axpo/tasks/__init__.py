@@ -11,15 +11,18 @@ import dataclasses
 from typing import Any
 
 from axpo.registry import TASK_REGISTRY, register_task
-from axpo.tasks import calculation, perception, search_facts
+from axpo.tasks import calculation, lockers, perception, search_facts
 from axpo.tasks.base import (Demonstration, Sample, TaskSpec, answers_match, extract_answer,
                              normalize_text, parse_number, user_message, verify)
 from axpo.tasks.demonstrations import DemoConfig, count_images, make_demonstrations
 
 # The task registry (axpo.register_task adds to it); the built-in tasks register like plugins.
 TASKS = TASK_REGISTRY
+# The default run's tasks, and the text the tiny tokenizer is trained on (axpo/tiny.py). The lockers
+# task (AXPO's precondition experiment, benchmarks/axpo_vs_grpo.py) is registered too but kept out
+# of this tuple so the tokenizer and the default run stay as they were.
 BUILTIN_TASKS = ("perception", "calculation", "search")
-for _spec in (perception.SPEC, calculation.SPEC, search_facts.SPEC):
+for _spec in (perception.SPEC, calculation.SPEC, search_facts.SPEC, lockers.SPEC):
     register_task(_spec.name, _spec)
 
 __all__ = [

@@ -70,7 +70,7 @@ def demonstrate(sample: Sample, spec: TaskSpec, registry: ToolRegistry, rng: ran
         messages.append(_call_message(spec, sample, call, first=i == 0))
         # The real tool, through the registry, exactly as in a rollout.
         _, result = registry.execute(json.dumps({"name": call["name"], "arguments": call["arguments"]}),
-                                     ToolContext(images=list(images)))
+                                     ToolContext(images=list(images), sample=sample))
         messages.append(_tool_message(result))
         images.extend(result.images)
         reading = spec.read_tool_output(sample, result)

@@ -13,6 +13,7 @@ from axpo.registry import TOOLS, make_tool, register_tool
 from axpo.tools.base import (ToolCall, ToolContext, ToolRegistry, ToolResult, Tool, error_result,
                              function_schema, validate_arguments)
 from axpo.tools.image_zoom import ImageZoomTool, ZoomConfig, fit_to_grid, smart_resize
+from axpo.tools.lockers import OpenLockerTool
 from axpo.tools.python_sandbox import PythonSandboxTool, SandboxConfig
 from axpo.tools.search import BM25Index, SearchConfig, SearchProvider, SearchTool, Snippet, load_documents
 
@@ -20,7 +21,7 @@ TOOL_NAMES = ("image_zoom_in", "python", "search")   # the built-in tools; TOOLS
 
 __all__ = [
     "TOOL_NAMES", "TOOLS", "register_tool", "Tool", "ToolCall", "ToolContext", "ToolRegistry", "ToolResult", "ToolSetConfig",
-    "ImageZoomTool", "ZoomConfig", "PythonSandboxTool", "SandboxConfig", "SearchTool", "SearchConfig",
+    "ImageZoomTool", "OpenLockerTool", "ZoomConfig", "PythonSandboxTool", "SandboxConfig", "SearchTool", "SearchConfig",
     "SearchProvider", "Snippet", "BM25Index", "build_tools", "tool_set_config", "error_result",
     "function_schema", "validate_arguments", "fit_to_grid", "smart_resize", "load_documents",
 ]
@@ -87,6 +88,9 @@ def _search(cfg: ToolSetConfig, documents: list[Snippet] | None = None,
 register_tool("image_zoom_in", _zoom)
 register_tool("python", _python)
 register_tool("search", _search)
+# The lockers task's tool (axpo/tasks/lockers.py); not in TOOL_NAMES, which the tiny tokenizer's
+# corpus and the default run's tool set are made from.
+register_tool("open_locker", OpenLockerTool)
 
 
 def build_tools(names: list[str], cfg=None, *, search_provider: SearchProvider | None = None,
