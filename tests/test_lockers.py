@@ -30,7 +30,7 @@ def test_target_letter_is_unique_and_wrong_lockers_mislead(registry):
         assert f"locker {k}?" in s.question and s.answer in "ABCDEF"
         for j in range(1, 10):
             r = _call(registry, s, {"locker": j})
-            assert r.error is None and r.text == f"Locker {j} holds {slots[j - 1]}."
+            assert r.error is None and r.text == f"Locker {j} holds {{{slots[j - 1]}}}."
             said = f"The answer is \\boxed{{{slots[j - 1]}}}."
             assert verify(s, said) == (1.0 if j == k else 0.0)   # a wrong locker's letter is never right
 
@@ -38,8 +38,8 @@ def test_target_letter_is_unique_and_wrong_lockers_mislead(registry):
 def test_the_tool_reads_the_question_it_is_called_for(registry):
     a, b = generate_task("lockers", 2, seed=5)
     assert a.meta["slots"] != b.meta["slots"]
-    assert _call(registry, a, {"locker": 1}).text.endswith(a.meta["slots"][0] + ".")
-    assert _call(registry, b, {"locker": 1}).text.endswith(b.meta["slots"][0] + ".")
+    assert _call(registry, a, {"locker": 1}).text.endswith("{" + a.meta["slots"][0] + "}.")
+    assert _call(registry, b, {"locker": 1}).text.endswith("{" + b.meta["slots"][0] + "}.")
 
 
 @pytest.mark.parametrize("arguments, kind, words", [

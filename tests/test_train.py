@@ -225,7 +225,8 @@ def test_init_stage_sft_runs_sft_from_given_weights(smoke_run, tmp_path):
            "trainer.eval_after_sft=false")
     assert rows(out, "pretrain") == [] and [r["step"] for r in rows(out, "sft")] == [1, 2, 3]
     assert [r["step"] for r in rows(out, "rl")] == [1]
-    assert sorted(p.name for p in (out / "checkpoints").glob("step_sft_*")) == ["step_sft_000003"]
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert ckpts[-1] == "step_sft_000003" and all(c.startswith(("step_sft_", "step_rl_")) for c in ckpts)
     evals = json.loads((out / "evals.json").read_text())
     assert "after_sft" not in evals and "pass@1" in evals["after_rl"]
 

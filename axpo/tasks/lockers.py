@@ -80,7 +80,7 @@ def call_correct(sample: Sample, call: dict | None) -> bool:
 
 # --------------------------------------------------------------------------------------------
 
-_HOLDS = re.compile(r"Locker (\d+) holds ([A-Z])\.")
+_HOLDS = re.compile(r"Locker (\d+) holds \{([A-Z])\}\.")
 
 
 def read_tool_output(sample: Sample, result: ToolResult) -> str | None:
@@ -115,7 +115,7 @@ def direct_text(sample: Sample) -> str:
 
 
 def after_text(sample: Sample, reading: str | None) -> str:
-    return f"It holds {reading}." if reading is not None else "I could not open it. I will guess."
+    return f"It holds {{{reading}}}." if reading is not None else "I could not open it. I will guess."
 
 
 SPEC = TaskSpec("lockers", LockersConfig, generate, read_tool_output, answer_without_tool, wrong_call,

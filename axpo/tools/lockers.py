@@ -30,4 +30,6 @@ class OpenLockerTool:
         k = arguments["locker"]   # validated as a 64-bit integer by the registry
         if not 1 <= k <= len(slots):
             return error_result("out_of_range", f"'locker' must be between 1 and {len(slots)}, got {k}.")
-        return ToolResult(text=f"Locker {k} holds {slots[k - 1]}.")
+        # "{C}": the letter as the same tokens the answer "\\boxed{C}" uses (" C" is another token
+        # in the tiny tokenizer, and mapping one to the other was a copy the tiny model missed).
+        return ToolResult(text=f"Locker {k} holds {{{slots[k - 1]}}}.")
