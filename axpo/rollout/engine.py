@@ -163,9 +163,12 @@ class Engine:
             logits = self._decode_step(batch, rows)
         else:
             logits = torch.stack([self._seqs[s].logits for s in rows])
+        active_t = None                         # `active` as a tensor, rebuilt when rows finish
         try:
             while True:
-                toks, lps, ents = sampler.sample(logits, torch.tensor(active, device=self.device))
+                if active_t is None:
+                    active_t = torch.tensor(active, device=self.device)
+                toks, lps, ents = sampler.sample(logits, active_t)
                 keep = []
                 for j, r in enumerate(active):
                     s, out, tok = seqs[r], outs[r], toks[j]
@@ -181,8 +184,10 @@ class Engine:
                 self._count["sampled_tokens"] += len(active)
                 if not keep:
                     break
-                order = batch.keep(keep)
-                active = [active[j] for j in order]
+                if len(keep) < len(active):
+                    order = batch.keep(keep)
+                    active = [active[j] for j in order]
+                    active_t = None
                 logits = self._decode_step(batch, [rows[r] for r in active])
         finally:
             self._count["workspace_bytes_moved"] += batch.bytes_moved
@@ -383,6 +388,7 @@ class Engine:
         self._count["decode_tokens"] += len(head)
 
     def _decode_batch(self, seq_ids: list[int], capacity: int) -> tuple[DecodeBatch, list[int]]:
+        self.runner.prepare()
         tables = [self.bm.block_table(s) for s in seq_ids]
         lengths = [self.bm.num_tokens(s) for s in seq_ids]
         order, groups = plan_groups(tables, lengths, self.block_size)
@@ -411,10 +417,8 @@ class Engine:
             copies += self.bm.append(sid, 1)
             slots.append(self.bm.slots(sid, n, n + 1)[0])
         self.cache.copy_blocks(copies)
-        dev = self.device
-        pos_t = torch.tensor(pos, device=dev).expand(3, -1)
-        logits = self.runner.decode(self.cache, batch, torch.tensor(ids, device=dev), pos_t,
-                                    torch.tensor(slots, device=dev))
+        ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots], device=self.device)   # one host copy
+        logits = self.runner.decode(self.cache, batch, ids_t, pos_t.expand(3, -1), slots_t)
         self._count["decode_tokens"] += len(rows)
         self._count["decode_steps"] += 1
         return logits

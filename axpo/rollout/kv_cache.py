@@ -18,7 +18,8 @@ bytes. Two layouts, chosen per call:
 - dense (when it fits the bound): every row's KV that is not in a cascaded shared prefix (its
   private prefix, then the tokens decoded in this call) lives in a padded per-row buffer
   [rows, heads, rest + max_tokens, head_dim] that each step appends to, so decode never re-gathers
-  the cache, and all rows attend with one fused call. Rows of a group that share a long prefix
+  the cache, and all rows attend together (fp32 on CPU: two batched GEMMs over the buffers and a
+  softmax, faster there than the fused SDPA kernel at decode sizes; otherwise one SDPA call). Rows of a group that share a long prefix
   (`cascade_min_tokens` or more, as after `fork`/`fork_at` of a long context) attend to one
   contiguous copy of it instead of each holding its own (cascade attention, attention.py): the
   prefixes of all such groups sit in one padded tensor, so one batched call serves every group,
@@ -352,35 +353,43 @@ class DecodeBatch:
         return self.n
 
     def _step_tensors(self):
+        """The per-step index tensors, rebuilt from the host positions (at the start and after
+        rows are dropped; `advance` updates them in place)."""
         dev, n = self.device, self.n
         self._rows = torch.arange(n, device=dev)
         self._pos = torch.tensor(self.pos[:n], device=dev)            # where this step's token goes
         self._t = max(self.pos[:n]) + 1                               # keys to attend (incl. this token)
-        valid = torch.arange(self._t, device=dev)[None, :] <= self._pos[:, None]
-        self._valid = valid
-        self._mask = None
-        if self.mode == "dense":
-            # Flat row index of (row, head, pos) in a [rows * heads * cap, D] view of a buffer.
-            hk, cap = self.hkv, self.rest_k[0].shape[2]
-            heads = torch.arange(hk, device=dev)
-            self._flat = ((self._rows[:, None] * hk + heads[None, :]) * cap + self._pos[:, None]).reshape(-1)
-            if not bool(valid.all()):
-                self._mask = float_mask(valid[:, None, None, :], self.dtype)
-            self._casc = None
-            if self.shared_k:
-                # Per cascaded group its live rows, padded to the largest group with the group's
-                # first live row (the padded queries' results are dropped).
-                members = [[] for _ in range(self.shared_k[0].shape[0])]
-                for p in range(n):
-                    if self.group_of[p] >= 0:
-                        members[self.group_of[p]].append(p)
-                width = max(len(m) for m in members)
-                if width:
-                    grid = [m + [m[0] if m else 0] * (width - len(m)) for m in members]
-                    sel = [gi * width + j for gi, m in enumerate(members) for j in range(len(m))]
-                    rows = [p for m in members for p in m]
-                    self._casc = (torch.tensor(grid, device=dev).reshape(-1), width,
-                                  torch.tensor(sel, device=dev), torch.tensor(rows, device=dev))
+        self._mask = self._mask3 = None
+        if self.mode == "paged":
+            self._valid = torch.arange(self._t, device=dev)[None, :] <= self._pos[:, None]
+            return
+        # Flat row index of (row, head, pos) in a [rows * heads * cap, D] view of a buffer.
+        hk, cap = self.hkv, self.rest_k[0].shape[2]
+        heads = torch.arange(hk, device=dev)
+        self._flat = ((self._rows[:, None] * hk + heads[None, :]) * cap + self._pos[:, None]).reshape(-1)
+        # Rows of equal length need no mask; otherwise an additive mask over the whole capacity
+        # (one column more: `advance` opens the column after a row's last write), sliced per step.
+        self._ragged = min(self.pos[:n]) != self._t - 1
+        if self._ragged:
+            valid = torch.arange(cap + 1, device=dev)[None, :] <= self._pos[:, None]
+            self._mask_buf = float_mask(valid[:, None, None, :], self.dtype)
+            self._mask_base = self._rows * (cap + 1)
+            self._mask = self._mask_buf[..., : self._t]
+        self._casc = None
+        if self.shared_k:
+            # Per cascaded group its live rows, padded to the largest group with the group's
+            # first live row (the padded queries' results are dropped).
+            members = [[] for _ in range(self.shared_k[0].shape[0])]
+            for p in range(n):
+                if self.group_of[p] >= 0:
+                    members[self.group_of[p]].append(p)
+            width = max(len(m) for m in members)
+            if width:
+                grid = [m + [m[0] if m else 0] * (width - len(m)) for m in members]
+                sel = [gi * width + j for gi, m in enumerate(members) for j in range(len(m))]
+                rows = [p for m in members for p in m]
+                self._casc = (torch.tensor(grid, device=dev).reshape(-1), width,
+                              torch.tensor(sel, device=dev), torch.tensor(rows, device=dev))
 
     # -- per step --------------------------------------------------------------------------------
 
@@ -405,6 +414,8 @@ class DecodeBatch:
         t = self._t
         k, v = self.rest_k[layer][:n, :, :t], self.rest_v[layer][:n, :, :t]
         if self._casc is None:
+            if q.device.type == "cpu" and q.dtype == torch.float32:
+                return self._attend_bmm(qg, k, v).view(n, -1, self.d)
             return decode_attention(qg, k, v, self._mask, self.scale).view(n, -1, self.d)
         o, lse = partial_attention(qg, k, v, self._mask, self.scale)
         grid, width, sel, rows = self._casc
@@ -416,6 +427,24 @@ class DecodeBatch:
         merged = merge_lse(o1, lse1, o.index_select(0, rows), lse.index_select(0, rows))
         o = o.float().index_copy_(0, rows, merged)
         return o.to(q.dtype).view(n, -1, self.d)
+
+    def _attend_bmm(self, qg: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Dense decode attention on CPU as two batched GEMMs over (row, KV head) and a softmax:
+        k/v [n, Hkv, t, D] are slices of the row buffers, which merge to [n * Hkv, t, D] views
+        (no copy); the scores start from the step's additive mask, expanded once per step and
+        shared by every layer. Faster there than the fused SDPA kernel at decode sizes (G query
+        heads per KV head against a short key range), and the same softmax attention; fp32 only
+        (lower precisions keep SDPA, which accumulates the softmax in fp32)."""
+        n, hkv, g, d = qg.shape
+        t = k.shape[2]
+        qb, kb, vb = qg.reshape(n * hkv, g, d), k.reshape(n * hkv, t, d), v.reshape(n * hkv, t, d)
+        if self._mask is None:
+            s = torch.bmm(qb, kb.transpose(1, 2)).mul_(self.scale)
+        else:
+            if self._mask3 is None:
+                self._mask3 = self._mask.expand(n, hkv, g, t).reshape(n * hkv, g, t)
+            s = torch.baddbmm(self._mask3, qb, kb.transpose(1, 2), alpha=self.scale)
+        return torch.bmm(torch.softmax(s, -1), vb).view(n, hkv, g, d)
 
     def _attend_paged(self, layer: int, qg: torch.Tensor) -> torch.Tensor:
         """Running-softmax attention over chunks of keys gathered from the pool."""
@@ -450,9 +479,20 @@ class DecodeBatch:
         return acc_o / acc_l
 
     def advance(self) -> None:
-        """After all layers ran a step: every row's token is now part of its keys."""
+        """After all layers ran a step: every row's token is now part of its keys. Every row
+        moves on by one, so the step tensors are updated in place (dense: the write positions,
+        the flat write index, the mask's next column) rather than rebuilt."""
         self.pos = [p + 1 for p in self.pos[:self.n]]
-        self._step_tensors()
+        if self.mode == "paged":
+            self._step_tensors()
+            return
+        self._pos += 1
+        self._flat += 1
+        self._t += 1
+        if self._ragged:
+            self._mask_buf.view(-1).index_fill_(0, self._mask_base + self._pos, 0.0)
+            self._mask = self._mask_buf[..., : self._t]
+            self._mask3 = None
 
     def keep(self, rows: list[int]) -> list[int]:
         """Drop finished rows (rows: the positions to keep). The last live rows move into the
