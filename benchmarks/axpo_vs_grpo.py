@@ -17,11 +17,13 @@ Seeds are paired: seed s of every arm starts from the same checkpoint with `trai
 The gate runs and is printed before any comparison. After SFT: P(right locker | call) in
 [0.05, 0.2], accuracy after a right call >= 0.85, no-tool accuracy near chance (within 0.1 of
 1/options), tool use in [0.3, 0.5]. Over AXPO's first `--gate-steps` steps (its seed-0 run, the
-first run made): resample success >= 0.08 and trigger rate >= 0.25. A failed gate says the
+first run made, with the counts of any other AXPO seed already finished): resample success >= 0.08
+and trigger rate >= 0.25. A failed gate says the
 comparison would test nothing and stops (`--ignore-gate` runs it anyway and says so in the report).
 
 Each (arm, seed) writes `result.json` in its run folder when it finishes; a run with one is not
-trained again, so the comparison (about 2 hours on 2 cores) can be run in parts. The report is
+trained again (a finished run from another config is an error, not reused), so the comparison
+(about 3.5 hours on 2 cores: `--nproc 1`, two invocations at a time) can be run in parts. The report is
 `benchmarks/results/axpo_vs_grpo.md` (and `axpo_dose.md`), with PNG curves.
 """
 
@@ -116,8 +118,11 @@ def rl_counts(rl: list[dict], first: int | None = None) -> dict:
     }
 
 
-def gate(task: str, sft_eval: dict, options: int, axpo_rl: list[dict] | None, gate_steps: int) -> list[tuple]:
-    """(criterion, value, wanted, passed) rows."""
+def gate(task: str, sft_eval: dict, options: int, axpo_runs: list[list[dict]] | None, gate_steps: int
+         ) -> list[tuple]:
+    """(criterion, value, wanted, passed) rows. The RL part sums the counts of the first
+    `gate_steps` steps of every AXPO run given (one seed: about 80 branches in 5 steps, so a
+    success rate of 0.1 has a standard error of about 0.035)."""
     out = []
     for name, want in SFT_GATE.items():
         v = sft_eval.get(f"{task}/{name}", math.nan)
@@ -129,22 +134,50 @@ def gate(task: str, sft_eval: dict, options: int, axpo_rl: list[dict] | None, ga
             wanted = f">= {lo}" if hi is None else f"[{lo}, {hi}]"
         ok = v == v and v >= lo and (hi is None or v <= hi)
         out.append((f"after SFT: {name}", v, wanted, ok))
-    if axpo_rl is not None:
-        c = rl_counts(axpo_rl, gate_steps)
+    if axpo_runs:
+        c = rl_counts([r for run in axpo_runs for r in run[:gate_steps]])
         for name, (lo, _) in RL_GATE.items():
             v = c[name]
-            out.append((f"AXPO steps 1-{gate_steps}: {name}", v, f">= {lo}", v == v and v >= lo))
+            out.append((f"AXPO steps 1-{gate_steps} ({len(axpo_runs)} seed{'s' * (len(axpo_runs) > 1)}): {name}",
+                        v, f">= {lo}", v == v and v >= lo))
     return out
 
 
+def config_differences(run: Path, config: str, overrides: list[str]) -> list[str]:
+    """Fields where the config `run` was trained with (its config.yaml) differs from `config` +
+    `overrides` (the output folder aside): a finished run is reused only if there are none."""
+    import yaml
+
+    from axpo.config import load_config, to_dict
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old = flat(yaml.safe_load((run / "config.yaml").read_text()))
+    new = flat(json.loads(json.dumps(to_dict(load_config(config, overrides, check=False)))))
+    def same(a, b) -> bool:   # a checkpoint reached through a link is the same checkpoint
+        return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.exists(a)
+                          and os.path.exists(b) and os.path.samefile(a, b))
+
+    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+            if k != "trainer.output_dir" and not same(old.get(k), new.get(k))]
+
+
 def run_arm(work: Path, tag: str, arm: str, seed: int, ckpt: Path, args, common: list[str]) -> dict:
-    """Train one (arm, seed) unless its result.json exists; return the result."""
+    """Train one (arm, seed) unless its result.json exists (from the same config); return the result."""
     run = work / f"{tag}{arm}_s{seed}"
     res = run / "result.json"
+    overrides = common + ARMS[arm] + [f"trainer.init_from={ckpt}", f"trainer.seed={seed}", "trainer.eval_after_sft=false"]
     if res.exists():
+        diff = config_differences(run, args.config, overrides)
+        if diff:
+            raise SystemExit(f"{run} finished with another config ({'; '.join(diff[:3])}); "
+                             "move it away or use another --work")
         return json.loads(res.read_text())
-    secs = train(run, args.config, args.nproc, common + ARMS[arm] + [
-        f"trainer.init_from={ckpt}", f"trainer.seed={seed}", "trainer.eval_after_sft=false"])
+    secs = train(run, args.config, args.nproc, overrides)
     rl = [r for r in read_metrics(run) if r["stage"] == "rl"]
     ev = json.loads((run / "evals.json").read_text())["after_rl"]
     acc = [r["accuracy"] for r in rl]
@@ -238,7 +271,17 @@ def main() -> None:
     axpo_first = None
     if "axpo" in args.arms:   # AXPO's first run first: its first steps finish the gate
         axpo_first = run_arm(work, tag, "axpo", args.seeds[0], ckpt, args, common)
-    rows = gate(args.task, sft_eval, options, axpo_first["rl_rows"] if axpo_first else None, args.gate_steps)
+    # The RL gate: AXPO's first run, plus every other AXPO seed already finished (more branches).
+    axpo_runs = [axpo_first["rl_rows"]] if axpo_first else []
+    for seed in args.seeds[1:] if axpo_first else []:
+        res = work / f"{tag}axpo_s{seed}" / "result.json"
+        if res.exists():
+            axpo_runs.append(run_arm(work, tag, "axpo", seed, ckpt, args, common)["rl_rows"])
+    rows = gate(args.task, sft_eval, options, axpo_runs or None, args.gate_steps)
+    for seed, run in zip(args.seeds, axpo_runs):
+        c = rl_counts(run, args.gate_steps)
+        print(f"AXPO seed {seed}, steps 1-{args.gate_steps}: resample success {c['resample_success']:.3f}, "
+              f"trigger rate {c['trigger_rate']:.3f}", flush=True)
     passed = all(r[3] for r in rows)
     print(_gate_table(rows), flush=True)
     if not passed and not args.ignore_gate:
@@ -264,6 +307,12 @@ def main() -> None:
                          f"{paired(rs, results['grpo'], lambda r: r['eval'].get('pass@4', math.nan))} | "
                          f"{paired(rs, results['grpo'], lambda r: r['eval'].get('tool_use_rate', math.nan))} | "
                          f"{paired(rs, results['grpo'], lambda r: r['accuracy_auc'])} |")
+    if results.get("axpo") and results.get("brute_force"):   # the same extra budget, spent two ways
+        key = lambda k: (lambda r: r["eval"].get(k, math.nan))  # noqa: E731
+        lines.append(f"| axpo - brute_force | {paired(results['axpo'], results['brute_force'], key('pass@1'))} | "
+                     f"{paired(results['axpo'], results['brute_force'], key('pass@4'))} | "
+                     f"{paired(results['axpo'], results['brute_force'], key('tool_use_rate'))} | "
+                     f"{paired(results['axpo'], results['brute_force'], lambda r: r['accuracy_auc'])} |")
     lines += ["", "Curves: " + ", ".join(f"`{f}`" for f in plot(results, out / "axpo_vs_grpo"))]
     (out / "axpo_vs_grpo.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

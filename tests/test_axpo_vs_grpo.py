@@ -35,8 +35,12 @@ def test_gate_bounds():
         rows = avg.gate("lockers", {**good, f"lockers/{key}": bad}, 6, None, 5)
         assert [r[0] for r in rows if not r[3]] == [f"after SFT: {key}"]
     rl = [{"n_extra_successes": 1, "extra_rollouts": 16, "n_triggered_groups": 1, "n_groups": 8}]
-    rows = avg.gate("lockers", good, 6, rl, 5)
-    assert [r[0] for r in rows if not r[3]] == ["AXPO steps 1-5: resample_success", "AXPO steps 1-5: trigger_rate"]
+    rows = avg.gate("lockers", good, 6, [rl], 5)
+    assert [r[0] for r in rows if not r[3]] == ["AXPO steps 1-5 (1 seed): resample_success",
+                                                "AXPO steps 1-5 (1 seed): trigger_rate"]
+    more = [{"n_extra_successes": 3, "extra_rollouts": 16, "n_triggered_groups": 3, "n_groups": 8}] * 6
+    rows = avg.gate("lockers", good, 6, [rl, more], 5)   # counts summed over seeds, first 5 steps each
+    assert rows[-2][1] == (1 + 15) / (16 + 80) and rows[-1][1] == (1 + 15) / (8 + 40) and rows[-2][0].endswith("(2 seeds): resample_success")
     assert not avg.gate("lockers", {}, 6, None, 5)[0][3]   # a missing number fails
 
 
@@ -63,7 +67,10 @@ def test_two_arms_on_the_smoke_model_resume_by_result(tmp_path):
     assert "after_sft" not in evals                      # evaluated once, in the SFT run
     assert (tmp_path / "out" / "axpo_vs_grpo_tool_use.png").stat().st_size > 0
     logs = sorted(p.name for p in (tmp_path / "work").glob("*.log"))   # one log per run, none shared
-    assert logs == ["pretrain.log", "skill0.1_axpo_s0.log", "skill0.1_grpo_s0.log", "sft_skill0.1.log"]
+    assert logs == ["pretrain.log", "sft_skill0.1.log", "skill0.1_axpo_s0.log", "skill0.1_grpo_s0.log"]
     # Run again: nothing is trained (each result.json is read back).
     r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0 and " min, Pass@1" not in r2.stdout and "SFT at argument skill" not in r2.stdout
+    # Another config: a finished run is not reused as if it were this one's.
+    r3 = subprocess.run(cmd + ["rl.lr=0.5"], capture_output=True, text=True, timeout=300)
+    assert r3.returncode != 0 and "finished with another config (rl.lr: " in r3.stderr
