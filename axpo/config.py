@@ -157,7 +157,7 @@ class TrainerConfig:
     # ~100 GB).
     keep_last: int | None = 3
     resume: bool = False
-    init_from: str | None = None              # start RL from these weights (DCP checkpoint or HF folder); skips pretrain and SFT
+    init_from: str | None = None              # start from these weights (DCP checkpoint or HF folder) at `init_stage`, skipping the stages before it
     # The stage `init_from` starts: "rl", or "sft" (SFT from pre-trained weights: the lockers
     # comparison pre-trains once and runs SFT per argument skill from that checkpoint).
     init_stage: Literal["sft", "rl"] = "rl"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from axpo.agent.loop import AgentLoop
 from axpo.distributed import Dist, all_gather_objects
+from axpo.registry import TASK_REGISTRY
 from axpo.rollout_stats import RolloutCounts
 
 
@@ -52,8 +53,6 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
              step: int = 10**6) -> dict:
     """Each rank evaluates its slice of `samples`; results are gathered so every rank returns the
     same numbers. `step` only seeds sampling (kept apart from training steps)."""
-    from axpo.registry import TASK_REGISTRY
-
     d = d or Dist()
     mine = samples[d.rank::d.world]
     rec = EvalRecord()
@@ -65,9 +64,7 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
         for j, s in enumerate(batch):
             ts = [t for t in trajs if t.group == i + j]
             rewards = [reward_fn(t) for t in ts]
-            # A task that can tell a right tool call (TaskSpec.extras["call_correct"]) gets the
-            # right-call rate and the accuracy after a right call (the lockers task's gate).
-            check = getattr(TASK_REGISTRY.get(s.task, None), "extras", {}).get("call_correct")
+            check = _call_check(s.task)
             counts = RolloutCounts.of(ts, rewards, None if check is None else (lambda c, s=s: check(s, c)))
             rec.questions.append(QuestionResult(s.task, counts.rollouts, counts.correct))
             rec.by_task[s.task] = rec.by_task.get(s.task, RolloutCounts()) + counts
@@ -81,8 +78,6 @@ def evaluate(loop: AgentLoop, samples: list, reward_fn, *, n: int, ks=(1, 4), d:
 def summarize(rec: EvalRecord, *, n: int, ks=(1, 4)) -> dict:
     """The evaluation's numbers from a merged record. A rate over no rollouts (or no tool calls)
     reads 0, as evals.json always had it; the split by tool use appears only where it has rollouts."""
-    from axpo.registry import TASK_REGISTRY
-
     out = {}
     for k in ks:
         if n >= k:
@@ -104,12 +99,18 @@ def summarize(rec: EvalRecord, *, n: int, ks=(1, 4)) -> dict:
             out[f"{task}/accuracy_with_tool"] = c.rates()["accuracy_with_tool"]
         if c.rollouts - c.tool_users:
             out[f"{task}/accuracy_without_tool"] = c.rates()["accuracy_without_tool"]
-        if c.right_callers or (c.tool_users and getattr(TASK_REGISTRY.get(task, None), "extras", {}).get("call_correct")):
+        if c.tool_users and _call_check(task) is not None:
             out[f"{task}/right_call_rate"] = c.rates()["right_call_rate"]
             if c.right_callers:
                 out[f"{task}/accuracy_after_right_call"] = c.rates()["accuracy_after_right_call"]
     out["questions"] = len(rec.questions)
     return out
+
+
+def _call_check(task: str):
+    """The task's judge of a tool call (TaskSpec.extras["call_correct"](sample, call) -> bool), or
+    None: a task that has one gets the right-call rate and the accuracy after a right call."""
+    return getattr(TASK_REGISTRY.get(task, None), "extras", {}).get("call_correct")
 
 
 def _mean_pass(questions: list[QuestionResult], k: int) -> float:

@@ -37,7 +37,7 @@ class RolloutCounts:
     tool_calls: int = 0
     tool_errors: int = 0          # calls whose result was an error (unknown tool, bad format, ...)
     new_tokens: int = 0           # tokens sampled by these rollouts themselves (new_tokens)
-    # Tool users whose first call was the right one, and those of them that were correct: counted
+    # Tool users whose first call ran and was the right one, and those of them that were correct: counted
     # only where the task can tell a right call (`call_correct`, e.g. the lockers task), else 0.
     right_callers: int = 0
     correct_right_callers: int = 0
@@ -62,7 +62,9 @@ class RolloutCounts:
             tool_errors=sum(c.error is not None for t in trajs for c in t.tool_calls),
             new_tokens=sum(new_tokens(t) for t in trajs))
         if call_correct is not None:
-            right = [bool(t.tool_calls) and bool(call_correct(
+            # A right call is one the tool ran (no error) and the task judges right: arguments the
+            # registry rejected (e.g. true for an integer, which equals 1 in Python) do not count.
+            right = [bool(t.tool_calls) and t.tool_calls[0].error is None and bool(call_correct(
                 {"name": t.tool_calls[0].name, "arguments": t.tool_calls[0].arguments})) for t in trajs]
             out.right_callers = sum(right)
             out.correct_right_callers = sum(r and o for r, o in zip(right, ok))

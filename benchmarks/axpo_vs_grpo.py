@@ -48,7 +48,8 @@ ARMS = {
     "grpo_2x": ["algo.axpo=false", "algo.brute_force=false", "rollout.group_size=16"],
     "axpo": ["algo.axpo=true", "algo.brute_force=false"],
 }
-# Gate: name -> (eval key template or RL rate, low, high); None = unbounded.
+# Gate: eval key after "<task>/" -> (low, high) with None unbounded, or "chance" (1/options +- 0.1);
+# RL rate over AXPO's first steps -> (low, None).
 SFT_GATE = {
     "right_call_rate": (0.05, 0.2),
     "accuracy_after_right_call": (0.85, None),
@@ -297,22 +298,16 @@ def main() -> None:
     lines += [f"## Gate: {'passed' if passed else 'FAILED (run with --ignore-gate: it tests nothing)'}", "",
               _gate_table(rows), "", "## Arms", ""]
     lines += _arm_table(results, sft_eval, args.task)
-    if "grpo" in results and results["grpo"]:
-        lines += ["", "Paired differences against GRPO (same seed), mean ± sd over seeds (seeds > 0):", "",
-                  "| arm | Pass@1 | Pass@4 | final eval tool use | accuracy AUC |", "|---|---|---|---|---|"]
-        for arm, rs in results.items():
-            if arm == "grpo" or not rs:
-                continue
-            lines.append(f"| {arm} - grpo | {paired(rs, results['grpo'], lambda r: r['eval'].get('pass@1', math.nan))} | "
-                         f"{paired(rs, results['grpo'], lambda r: r['eval'].get('pass@4', math.nan))} | "
-                         f"{paired(rs, results['grpo'], lambda r: r['eval'].get('tool_use_rate', math.nan))} | "
-                         f"{paired(rs, results['grpo'], lambda r: r['accuracy_auc'])} |")
+    pairs = [(arm, "grpo") for arm in results if arm != "grpo" and results[arm] and results.get("grpo")]
     if results.get("axpo") and results.get("brute_force"):   # the same extra budget, spent two ways
-        key = lambda k: (lambda r: r["eval"].get(k, math.nan))  # noqa: E731
-        lines.append(f"| axpo - brute_force | {paired(results['axpo'], results['brute_force'], key('pass@1'))} | "
-                     f"{paired(results['axpo'], results['brute_force'], key('pass@4'))} | "
-                     f"{paired(results['axpo'], results['brute_force'], key('tool_use_rate'))} | "
-                     f"{paired(results['axpo'], results['brute_force'], lambda r: r['accuracy_auc'])} |")
+        pairs.append(("axpo", "brute_force"))
+    if pairs:
+        lines += ["", "Paired differences (same seed), mean ± sd over seeds (seeds > 0):", "",
+                  "| arms | Pass@1 | Pass@4 | final eval tool use | accuracy AUC |", "|---|---|---|---|---|"]
+        keys = [lambda r, k=k: r["eval"].get(k, math.nan) for k in ("pass@1", "pass@4", "tool_use_rate")]
+        keys.append(lambda r: r["accuracy_auc"])
+        for a, b in pairs:
+            lines.append(f"| {a} - {b} | " + " | ".join(paired(results[a], results[b], k) for k in keys) + " |")
     lines += ["", "Curves: " + ", ".join(f"`{f}`" for f in plot(results, out / "axpo_vs_grpo"))]
     (out / "axpo_vs_grpo.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

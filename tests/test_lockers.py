@@ -104,3 +104,15 @@ def test_right_call_counts_and_eval_keys():
     out = summarize(EvalRecord([QuestionResult("lockers", 5, 2)], {"lockers": c}), n=5)
     assert out["lockers/right_call_rate"] == pytest.approx(2 / 3)
     assert out["lockers/accuracy_after_right_call"] == 0.5 and out["lockers/accuracy_without_tool"] == 0.5
+
+
+def test_a_rejected_call_is_never_a_right_call(registry):
+    """`{"locker": true}` equals 1 in Python, but the registry rejects it (not an integer): the
+    right-call counts take only calls the tool ran."""
+    s = next(x for x in generate_task("lockers", 200, seed=4) if x.meta["target"] == 1)
+    call, result = registry.execute('{"name": "open_locker", "arguments": {"locker": true}}', ToolContext(sample=s))
+    assert result.error == "bad_arguments"
+    t = Trajectory(uid="u", sample_uid=s.uid, group=0, prompt_len=0, reward=0.0)
+    t.tool_calls.append(ToolCallRecord(0, 1, call.name, call.arguments, result.error))
+    c = RolloutCounts.of([t], call_correct=lambda cl: call_correct(s, cl))
+    assert c.tool_users == 1 and c.right_callers == 0

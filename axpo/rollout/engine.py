@@ -418,7 +418,8 @@ class Engine:
             slots.append(self.bm.slots(sid, n, n + 1)[0])
         self.cache.copy_blocks(copies)
         ids_t, pos_t, slots_t = torch.tensor([ids, pos, slots], device=self.device)   # one host copy
-        logits = self.runner.decode(self.cache, batch, ids_t, pos_t.expand(3, -1), slots_t)
+        logits = self.runner.decode(self.cache, batch, ids_t, pos_t.expand(3, -1), slots_t,
+                                    max_pos=max(pos) if pos else 0)   # host value: no device read
         self._count["decode_tokens"] += len(rows)
         self._count["decode_steps"] += 1
         return logits

@@ -132,14 +132,15 @@ class ModelRunner:
 
     @torch.no_grad()
     def decode(self, cache: PagedKVCache, batch: DecodeBatch, ids: torch.Tensor, pos: torch.Tensor,
-               slots: torch.Tensor) -> torch.Tensor:
+               slots: torch.Tensor, max_pos: int | None = None) -> torch.Tensor:
         """One token per row: ids [B], pos [3, B], slots [B] (where each token's KV goes).
+        `max_pos`: the largest position, known on the host (else read from `pos`: a device sync).
         Returns logits [B, V] (fp32)."""
         b = ids.shape[0]
         if self.fast is not None:
             x = self.text.embed_tokens(ids)                             # [B, H]
             batch.begin(slots)
-            return self._decode_fast(cache, batch, x, *self._decode_rope(x, pos), slots)
+            return self._decode_fast(cache, batch, x, *self._decode_rope(x, pos, max_pos), slots)
         x = self.text.embed_tokens(ids)[:, None]                       # [B, 1, H]
         cos, sin = self._rope(x, pos[:, :, None])
         batch.begin(slots)
@@ -168,14 +169,14 @@ class ModelRunner:
         for f in self.fast:
             f.refresh()
 
-    def _decode_rope(self, x: torch.Tensor, pos: torch.Tensor):
+    def _decode_rope(self, x: torch.Tensor, pos: torch.Tensor, max_pos: int | None = None):
         """cos [B, 1, D] and sin [B, 1, D] for rows at positions pos [3, B], the sine with
         rotate_half's sign folded in (`_rope_qk`). Text positions (the three M-RoPE rows equal, as
         the engine passes them: one row expanded) read a table the model's own rotary module
         computed, which is the same per-position arithmetic; anything else calls the module."""
         if self._rope_static and pos.stride(0) == 0:
             p = pos[0]
-            n = int(p.max()) + 1 if p.numel() else 1
+            n = (max_pos if max_pos is not None else int(p.max()) if p.numel() else 0) + 1
             if self._rope_tab is None or self._rope_tab[0].shape[0] < n:
                 size = max(256, 1 << (n - 1).bit_length())
                 ar = torch.arange(size, device=x.device)

@@ -27,9 +27,6 @@ from dataclasses import dataclass, field
 from axpo.tasks.base import ANSWER_INSTRUCTION, Sample, TaskSpec
 from axpo.tools.base import ToolResult
 
-_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}
-
-
 @dataclass
 class LockersConfig:
     slots: int = 9                       # lockers per question (1..slots)
