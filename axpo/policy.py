@@ -96,7 +96,8 @@ class SharedPrefix:
     prefix_ids: torch.Tensor     # [G, Pm], right-padded
     prefix_pos: torch.Tensor     # [3, G, Pm]
     suffix_ids: torch.Tensor     # [B, Sm], right-padded
-    suffix_pos: torch.Tensor     # [3, B, Sm]: each row's positions continue its prefix
+    suffix_pos: torch.Tensor     # [3, B, Sm]: each row's positions continue its prefix (text-only rows)
+    suffix_at: torch.Tensor      # [B, Sm]: each suffix token's index in its packed row (M-RoPE positions)
     suffix_mask: torch.Tensor    # [B, 1, Sm, Pm + Sm] bool: own prefix, then causal within the suffix
     group: torch.Tensor          # [B]: each row's group (prefix row)
     out_r: torch.Tensor          # [K]: row of each kept output ...
@@ -112,26 +113,40 @@ def _common_prefix(a: list[int], b: list[int], n: int) -> int:
     return i
 
 
-def shared_prefix(seqs: list[dict], keep: torch.Tensor, L: int, pad_id: int, *,
+def _group_key_len(s) -> int | None:
+    """How many leading tokens name a row's group: an RL row's prompt (`prompt_len`), an SFT
+    demonstration's system turn; None: the row shares with no one."""
+    return s.get("prompt_len") if isinstance(s, dict) else getattr(s, "prompt_len", None)
+
+
+def shared_prefix(seqs: list, keep: torch.Tensor, L: int, pad_id: int, *, stop_ids=(),
                   device: torch.device | str | None = None, min_saved: int = 0) -> SharedPrefix | None:
-    """The two-stage layout (`SharedPrefix`) of `seqs` (dicts with `tokens` and `prompt_len`;
-    those with the same prompt form a group, whose prefix is the members' longest common prefix,
-    at most one token short of the shortest member), or None when no row holds an image (images
-    take the one-stage path), a row has no `prompt_len`, or sharing would save fewer than
-    `min_saved` tokens. `keep`: host long tensor of the kept output positions (r * (L-1) + t)."""
-    if any(s.get("pixel_values") for s in seqs) or any(s.get("prompt_len") is None for s in seqs):
+    """The two-stage layout (`SharedPrefix`) of `seqs` (rows with `tokens` and `prompt_len`, dicts
+    or `TrainingRow`s; those whose first `prompt_len` tokens agree form a group, whose prefix is
+    the members' longest common prefix, at most one token short of the shortest member and ending
+    before the first of `stop_ids`), or None when a row has no `prompt_len` or sharing would save
+    fewer than `min_saved` tokens. `stop_ids`: the vision placeholders (`AgentFormat.vision_ids`):
+    a prefix holds no image, so every image lies in some row's suffix, in row order, and the
+    suffix stage takes the batch's pixel values as they are. `keep`: host long tensor of the kept
+    output positions (r * (L-1) + t)."""
+    if any(_group_key_len(s) is None for s in seqs):
         return None
     toks = [list(s["tokens"]) for s in seqs]
-    by_prompt: dict[tuple, int] = {}
+    stop = set(stop_ids)
+    by_key: dict[tuple, int] = {}
     group = []
     for s, t in zip(seqs, toks):
-        group.append(by_prompt.setdefault(tuple(t[: s["prompt_len"]]), len(by_prompt)))
-    G, B = len(by_prompt), len(seqs)
+        group.append(by_key.setdefault(tuple(t[: _group_key_len(s)]), len(by_key)))
+    G, B = len(by_key), len(seqs)
     plen = [0] * G
     first = [-1] * G
     for r, g in enumerate(group):
         if first[g] < 0:
-            first[g], plen[g] = r, len(toks[r]) - 1
+            t = toks[r]
+            n = len(t) - 1
+            if stop:
+                n = next((i for i in range(n) if t[i] in stop), n)
+            first[g], plen[g] = r, n
         else:
             plen[g] = _common_prefix(toks[first[g]], toks[r], min(plen[g], len(toks[r]) - 1))
     if min(plen) < 1:
@@ -149,7 +164,9 @@ def shared_prefix(seqs: list[dict], keep: torch.Tensor, L: int, pad_id: int, *,
     long = dict(dtype=torch.long, device=device)
     g_t, p_t = torch.tensor(group, **long), torch.tensor(prow, **long)
     prefix_pos = torch.arange(Pm, **long).expand(3, G, Pm)
-    suffix_pos = (p_t[:, None] + torch.arange(Sm, **long)[None, :]).expand(3, B, Sm)
+    # Each suffix position's index in its row of the packed [B, L] batch (pads clamped to L - 1):
+    # text-only, it is the position; with images, the row's M-RoPE positions are read there.
+    suffix_at = (p_t[:, None] + torch.arange(Sm, **long)[None, :]).clamp_(max=L - 1)
     i = torch.arange(Sm, **long)
     own_prefix = (torch.arange(Pm, **long)[None, None, :] < p_t[:, None, None]).expand(B, Sm, Pm)
     causal = (i[None, :] <= i[:, None]).expand(B, Sm, Sm)
@@ -160,25 +177,27 @@ def shared_prefix(seqs: list[dict], keep: torch.Tensor, L: int, pad_id: int, *,
     kg, kp = torch.tensor(group, dtype=torch.long)[r], torch.tensor(prow, dtype=torch.long)[r]
     h_idx = torch.where(t < kp, kg * Pm + t, G * Pm + r * Sm + (t - kp))
     mv = (lambda x: x.to(device)) if device is not None else (lambda x: x)
-    return SharedPrefix(torch.tensor(pre, **long), prefix_pos, torch.tensor(suf, **long), suffix_pos, mask, g_t,
-                        mv(r), mv(t), mv(h_idx), G * Pm + B * Sm)
+    return SharedPrefix(torch.tensor(pre, **long), prefix_pos, torch.tensor(suf, **long), suffix_at.expand(3, B, Sm),
+                        suffix_at, mask, g_t, mv(r), mv(t), mv(h_idx), G * Pm + B * Sm)
 
 
 class _PrefixKV:
-    """The cache the attention layers see in a two-stage forward: the prefix stage records each
-    layer's keys/values; the suffix stage prepends its rows' prefix keys/values to their own."""
+    """The cache the attention layers see in a two-stage forward: the prefix stage's records each
+    layer's keys/values; the suffix stage's (`prefix`, `rows` set) prepends its rows' prefix
+    keys/values to their own. One object per stage, so an activation-checkpointed layer, which
+    re-runs its forward with the same cache in backward, repeats what it did the first time."""
 
-    def __init__(self):
+    def __init__(self, prefix: "_PrefixKV | None" = None, rows: torch.Tensor | None = None):
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        self.rows: torch.Tensor | None = None
+        self.prefix, self.rows = prefix, rows
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        if self.rows is None:
+        if self.prefix is None:
             self.k[layer_idx], self.v[layer_idx] = k, v
             return k, v
-        return (torch.cat([self.k[layer_idx].index_select(0, self.rows), k], -2),
-                torch.cat([self.v[layer_idx].index_select(0, self.rows), v], -2))
+        return (torch.cat([self.prefix.k[layer_idx].index_select(0, self.rows), k], -2),
+                torch.cat([self.prefix.v[layer_idx].index_select(0, self.rows), v], -2))
 
     # What the model's mask builder asks a cache in the prefix stage (plain causal, nothing seen
     # before; the suffix stage passes a ready 4-D mask, which it returns as is).
@@ -221,10 +240,11 @@ class PolicyModel(nn.Module):
         is a large share of the step (TRL likewise computes only the completion's logits).
 
         `shared` (with `keep`, built for the same rows and keep): the two-stage shared-prefix
-        forward (`SharedPrefix`), same outputs. Not under FSDP (`always_run_vision`): there every
-        rank must run the same forwards."""
+        forward (`SharedPrefix`), same outputs. Under FSDP every rank must pass one or none in the
+        same call (`axpo.update.shared_layout`): the two stages are two passes through every
+        sharded unit."""
         batch = batch.to(self.lm_head.weight.device)
-        if shared is not None and keep is not None and not self.always_run_vision:
+        if shared is not None and keep is not None:
             return self._shared_forward(batch, shared, temperature, return_entropy)
         kwargs = {}
         if batch.pixel_values is not None:
@@ -263,9 +283,28 @@ class PolicyModel(nn.Module):
         # Prefix stage: right-padded, causal (pads follow each prefix and are masked below).
         pre = self.backbone(input_ids=sp.prefix_ids, position_ids=sp.prefix_pos, cache=kv,
                             use_cache=True).last_hidden_state
-        kv.rows = sp.group
-        suf = self.backbone(input_ids=sp.suffix_ids, attention_mask=sp.suffix_mask, position_ids=sp.suffix_pos,
-                            cache=kv, use_cache=True).last_hidden_state
+        kv = _PrefixKV(prefix=kv, rows=sp.group)
+        kwargs = {}
+        if batch.pixel_values is not None:
+            # Every image is in a suffix (a prefix ends before the first vision token), in row
+            # order: the batch's pixels as they are. Positions: each row's own M-RoPE positions
+            # (computed on the whole packed row, as the one-stage forward does), read at the
+            # suffix's tokens; the prefixes are text, whose positions are plain aranges.
+            pos, _ = self.backbone.get_rope_index(batch.input_ids, batch.mm_token_type_ids,
+                                                  image_grid_thw=batch.image_grid_thw,
+                                                  attention_mask=batch.attention_mask)
+            suffix_pos = pos.gather(2, sp.suffix_at[None].expand(pos.shape[0], -1, -1))
+            kwargs = dict(input_ids=sp.suffix_ids, pixel_values=batch.pixel_values,
+                          image_grid_thw=batch.image_grid_thw)
+        elif self.always_run_vision:
+            # Text-only under FSDP: the vision tower runs on a dummy image, as in forward.
+            suffix_pos = sp.suffix_pos
+            kwargs = dict(inputs_embeds=self.backbone.get_input_embeddings()(sp.suffix_ids) + self._vision_zero())
+        else:
+            suffix_pos = sp.suffix_pos
+            kwargs = dict(input_ids=sp.suffix_ids)
+        suf = self.backbone(attention_mask=sp.suffix_mask, position_ids=suffix_pos, cache=kv, use_cache=True,
+                            **kwargs).last_hidden_state
         H = pre.shape[-1]
         hidden = torch.cat([pre.reshape(-1, H), suf.reshape(-1, H)]).index_select(0, sp.h_idx)
         B, L = batch.input_ids.shape

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-_FIELDS = ("tokens", "pixel_values", "grids")
+_FIELDS = ("tokens", "pixel_values", "grids", "prompt_len")
 
 
 @dataclass
@@ -21,6 +21,9 @@ class TrainingRow:
     tokens: list[int]
     pixel_values: list[torch.Tensor] = field(default_factory=list)   # one [patches, dim] tensor per image
     grids: list[tuple[int, int, int]] = field(default_factory=list)  # one (t, h, w) patch grid per image
+    # Leading tokens that name the row's group for shared-prefix training (`policy.shared_prefix`):
+    # a demonstration's system turn; None shares with no one.
+    prompt_len: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.pixel_values) != len(self.grids):
@@ -50,4 +53,4 @@ class TrainingRow:
     @classmethod
     def of_demo(cls, e) -> TrainingRow:
         """An encoded SFT demonstration (axpo.sft.EncodedDemo)."""
-        return cls(list(e.tokens), list(e.pixel_values), [tuple(g) for g in e.grids])
+        return cls(list(e.tokens), list(e.pixel_values), [tuple(g) for g in e.grids], e.system_len)

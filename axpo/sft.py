@@ -34,6 +34,7 @@ class EncodedDemo:
     loss_mask: list[int]
     pixel_values: list[torch.Tensor]
     grids: list[tuple[int, int, int]]
+    system_len: int | None = None   # tokens through the system turn's <|im_end|> (None: no system turn)
 
 
 def _with_marks(messages: list[dict]) -> tuple[list[dict], list[str]]:
@@ -103,4 +104,9 @@ def encode_demo(messages: list[dict], images: list, fmt: AgentFormat, tools: lis
             i = j
         else:
             i += 1
-    return EncodedDemo(ids, mask, chunk.pixel_values, chunk.grids)
+    # Demonstrations with the same tools open with the same system turn (the tool block, most of a
+    # demo's tokens): SFT forwards it once per micro-batch (`policy.shared_prefix`).
+    system_len = None
+    if text.startswith("<|im_start|>system") and fmt.im_end in ids:
+        system_len = ids.index(fmt.im_end) + 1
+    return EncodedDemo(ids, mask, chunk.pixel_values, chunk.grids, system_len)

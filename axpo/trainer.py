@@ -31,21 +31,20 @@ from axpo.agent.format import AgentFormat
 from axpo.agent.loop import AgentLoop
 from axpo.algo.credit import assign
 from axpo.algo.resample import expand, reduce_diagnostics
-from axpo.batching import micro_batches
 from axpo.checkpoint import (SYNC_BUCKET_BYTES, Checkpointer, check_checkpoint_path, copy_gathered_weights,
                              copy_local_weights, export_hf, load_weights)
 from axpo.config import Config, StageConfig, load_config, to_dict
 from axpo.eval import evaluate
 from axpo.metrics import MetricsLogger, plot_run, write_summary
 from axpo.models import load_full_weights, load_on_rank0, materialize, release_storage, restore_storage
-from axpo.policy import PolicyModel, pack
+from axpo.policy import PolicyModel
 from axpo.pretrain import CopySequences, copy_accuracy
 from axpo.rollout.engine import Engine
 from axpo.rollout_stats import RolloutCounts
 from axpo.rows import TrainingRow
 from axpo.sft import encode_demo
 from axpo.sources import build_sources
-from axpo.update import optimizer_step, policy_update, supervised_loss, supervised_mask
+from axpo.update import policy_update, supervised_update
 
 PRETRAIN_EVAL_EVERY = 250  # pre-training steps between held-out copy-accuracy measurements
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -392,21 +391,10 @@ class Trainer:
                 "the steps are in metrics.jsonl with skipped=1.")
 
     def _supervised_step(self, rows: list[TrainingRow], masks: list[list[int]], budget: int) -> dict:
-        """One optimiser step on the masked next-token NLL of this rank's `rows` (mask[j] = 1:
-        token j is a target). The mean is over the masked tokens of all ranks, so the step does
-        not depend on how rows are split over ranks and micro-batches."""
-        d = self.d
-        g_tok = distributed.all_reduce_sum(sum(sum(m[1:]) for m in masks), d)
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for mb, real in distributed.even_batches(micro_batches([len(r) for r in rows], budget), d):
-            batch = pack([rows[i] for i in mb], self.fmt.pad, self.fmt.image_pad, mb, device=d.device)
-            logp, _ = self.policy(batch, return_entropy=False)
-            mask = supervised_mask(masks, mb, real, batch.input_ids.shape[1], dtype=logp.dtype, device=logp.device)
-            loss = supervised_loss(logp, mask, g_tok)
-            (loss * d.world).backward()   # FSDP averages gradients over ranks
-            total += float(loss.detach())
-        loss_all, norm, skipped = optimizer_step(self.policy, self.optimizer, total, self.cfg.optim.grad_clip, d)
+        """One optimiser step on the masked next-token NLL (`update.supervised_update`), then the
+        schedule's."""
+        loss_all, norm, skipped, g_tok = supervised_update(self.policy, self.optimizer, rows, masks, fmt=self.fmt,
+                                                           d=self.d, budget=budget, grad_clip=self.cfg.optim.grad_clip)
         if not skipped:
             self.scheduler.step()
         return {"loss": loss_all, "grad_norm": norm, "skipped": float(skipped),

@@ -6,9 +6,9 @@
    its own detached log-probs (the ratio is exactly 1) and that pass is skipped; the entropies
    then come from the update's forward.
 2. `ppo_epochs` passes over token-budgeted micro-batches (grouped by length, `micro_batches`):
-   log-probs with grad (the LM head only at the trained tokens, `kept_positions`; in a single
-   process each group's common prefix, e.g. the prompt of a group of completions, forwarded once,
-   `axpo.policy.SharedPrefix`), the clipped surrogate (`axpo.kernels.clipped_policy_loss`) with
+   log-probs with grad (the LM head only at the trained tokens, `kept_positions`; each group's
+   common prefix, e.g. the prompt of a group of completions up to its image, forwarded once,
+   `shared_layout`, under FSDP when every rank's micro-batch shares), the clipped surrogate (`axpo.kernels.clipped_policy_loss`) with
    per-token advantages, backward.
 3. The token-mean is global: each micro-batch's loss is scaled by its share of all trained tokens
    of the step across ranks (times the world size, because FSDP averages gradients over ranks), so
@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from axpo.batching import DEFAULT_OVERHEAD_TOKENS, micro_batches
-from axpo.distributed import Dist, all_reduce_sum, even_batches
+from axpo.distributed import Dist, all_reduce_max, all_reduce_sum, even_batches
 from axpo.kernels import clipped_policy_loss
-from axpo.policy import PolicyModel, pack, shared_prefix
+from axpo.policy import PolicyModel, SharedPrefix, pack, shared_prefix
 
 
 def optimizer_step(policy, optimizer, local_loss: float, grad_clip: float, d: Dist) -> tuple[float, float, bool]:
@@ -128,6 +128,22 @@ def kept_positions(masks: list[torch.Tensor], idx: list[int], L: int, device: to
     return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
+def shared_layout(rows: list, idx: list[int], keep: torch.Tensor | None, L: int, fmt, d: Dist,
+                  device: torch.device | str) -> SharedPrefix | None:
+    """The two-stage layout of micro-batch `idx` (`policy.shared_prefix`) when it saves more tokens
+    than a micro-batch's overhead, else None. `keep`: host kept positions (None or empty: the full
+    head runs, no sharing). Under FSDP every rank takes the same path (the two stages are two
+    passes through every sharded unit), so a micro-batch is shared only if every rank's is: one
+    scalar collective, called by every rank for every micro-batch."""
+    sp = None
+    if keep is not None and keep.numel():
+        sp = shared_prefix([rows[i] for i in idx], keep, L, fmt.pad, stop_ids=fmt.vision_ids, device=device,
+                           min_saved=DEFAULT_OVERHEAD_TOKENS)
+    if d.enabled and all_reduce_max(int(sp is None), d):
+        return None
+    return sp
+
+
 def supervised_mask(masks: list[list[int]], idx: list[int], real: bool, L: int, *, dtype: torch.dtype,
                     device: torch.device | str) -> torch.Tensor:
     """[rows, L-1] next-token target mask of an SFT/pre-training micro-batch (mask[j] = 1: token j
@@ -139,6 +155,33 @@ def supervised_mask(masks: list[list[int]], idx: list[int], real: bool, L: int, 
 def supervised_loss(logp: torch.Tensor, mask: torch.Tensor, g_tok: float) -> torch.Tensor:
     """Masked next-token NLL summed over the micro-batch, divided by the global target count."""
     return -(logp * mask).sum() / max(1.0, g_tok)
+
+
+def supervised_update(policy: PolicyModel, optimizer, rows: list, masks: list[list[int]], *, fmt, d: Dist,
+                      budget: int, grad_clip: float) -> tuple[float, float, bool, float]:
+    """One optimiser step on the masked next-token NLL of this rank's `rows` (SFT demonstrations,
+    pre-training sequences; mask[j] = 1: token j is a target). The mean is over the masked tokens
+    of all ranks, so the step does not depend on how rows are split over ranks and micro-batches.
+    Returns (global loss, gradient norm, skipped, global target count)."""
+    g_tok = all_reduce_sum(sum(sum(m[1:]) for m in masks), d)
+    optimizer.zero_grad(set_to_none=True)
+    device = policy_device(policy)
+    total = 0.0
+    for mb, real in even_batches(micro_batches([len(r) for r in rows], budget), d):
+        batch = pack([rows[i] for i in mb], fmt.pad, fmt.image_pad, mb, device=device)
+        L = batch.input_ids.shape[1]
+        # The head at the target tokens only, and a shared system turn forwarded once (a dummy
+        # micro-batch runs the full head, so its zero loss reaches every parameter).
+        keep = kept_positions({i: torch.tensor(masks[i]) for i in mb}, mb, L, "cpu") if real else None
+        shared = shared_layout(rows, mb, keep, L, fmt, d, device)
+        keep = keep.to(device) if keep is not None and keep.numel() else None
+        logp, _ = policy(batch, return_entropy=False, keep=keep, shared=shared)
+        mask = supervised_mask(masks, mb, real, L, dtype=logp.dtype, device=logp.device)
+        loss = supervised_loss(logp, mask, g_tok)
+        (loss * d.world).backward()   # FSDP averages gradients over ranks
+        total += float(loss.detach())
+    loss_all, norm, skipped = optimizer_step(policy, optimizer, total, grad_clip, d)
+    return loss_all, norm, skipped, g_tok
 
 
 @torch.no_grad()
@@ -224,13 +267,13 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
             want_ent = not old_pass and epoch == 0
             # The head only where the loss reads (trained tokens); a dummy or all-masked batch runs
             # it everywhere, so its zero loss still reaches every parameter.
-            keep = shared = None
+            keep = None
+            L = batch.input_ids.shape[1]
             if inp.n_local:
-                L = batch.input_ids.shape[1]
                 keep = kept_positions(host_masks, idx, L, "cpu")
-                if not d.enabled:   # single process: each group's shared prefix forwarded once
-                    shared = shared_prefix([rows[i] for i in idx], keep, L, fmt.pad, device=device,
-                                           min_saved=DEFAULT_OVERHEAD_TOKENS)
+            # Each group's shared prefix forwarded once (every rank decides, even with no keep).
+            shared = shared_layout(rows, idx, keep, L, fmt, d, device)
+            if keep is not None:
                 keep = keep.to(device)
             logp, ent = policy(batch, temperature=temperature, return_entropy=want_ent, keep=keep, shared=shared)
             if want_ent:

@@ -65,6 +65,9 @@ class AgentFormat:
         # Vision placeholders come only from images the loop inserts, never from sampling.
         self.banned_ids = tuple(ids[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                  "<|vision_end|>", "<|vision_pad|>") if t in ids)
+        # The tokens that open or fill an image: a shared training prefix ends before the first.
+        self.vision_ids = frozenset(ids[t] for t in ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>")
+                                    if t in ids)
         # Every string the tokenizer would turn into an added (special or not) token, and their ids.
         added = dict(self.tokenizer.get_added_vocab())
         added.update(ids)
