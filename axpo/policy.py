@@ -96,8 +96,8 @@ class SharedPrefix:
     prefix_ids: torch.Tensor     # [G, Pm], right-padded
     prefix_pos: torch.Tensor     # [3, G, Pm]
     suffix_ids: torch.Tensor     # [B, Sm], right-padded
-    suffix_pos: torch.Tensor     # [3, B, Sm]: each row's positions continue its prefix (text-only rows)
-    suffix_at: torch.Tensor      # [B, Sm]: each suffix token's index in its packed row (M-RoPE positions)
+    suffix_at: torch.Tensor      # [B, Sm]: each suffix token's index in its packed row: its position in
+                                 # a text-only row; where the row's M-RoPE positions are read otherwise
     suffix_mask: torch.Tensor    # [B, 1, Sm, Pm + Sm] bool: own prefix, then causal within the suffix
     group: torch.Tensor          # [B]: each row's group (prefix row)
     out_r: torch.Tensor          # [K]: row of each kept output ...
@@ -164,8 +164,7 @@ def shared_prefix(seqs: list, keep: torch.Tensor, L: int, pad_id: int, *, stop_i
     long = dict(dtype=torch.long, device=device)
     g_t, p_t = torch.tensor(group, **long), torch.tensor(prow, **long)
     prefix_pos = torch.arange(Pm, **long).expand(3, G, Pm)
-    # Each suffix position's index in its row of the packed [B, L] batch (pads clamped to L - 1):
-    # text-only, it is the position; with images, the row's M-RoPE positions are read there.
+    # Pads clamped to L - 1 (their outputs are never read).
     suffix_at = (p_t[:, None] + torch.arange(Sm, **long)[None, :]).clamp_(max=L - 1)
     i = torch.arange(Sm, **long)
     own_prefix = (torch.arange(Pm, **long)[None, None, :] < p_t[:, None, None]).expand(B, Sm, Pm)
@@ -177,8 +176,8 @@ def shared_prefix(seqs: list, keep: torch.Tensor, L: int, pad_id: int, *, stop_i
     kg, kp = torch.tensor(group, dtype=torch.long)[r], torch.tensor(prow, dtype=torch.long)[r]
     h_idx = torch.where(t < kp, kg * Pm + t, G * Pm + r * Sm + (t - kp))
     mv = (lambda x: x.to(device)) if device is not None else (lambda x: x)
-    return SharedPrefix(torch.tensor(pre, **long), prefix_pos, torch.tensor(suf, **long), suffix_at.expand(3, B, Sm),
-                        suffix_at, mask, g_t, mv(r), mv(t), mv(h_idx), G * Pm + B * Sm)
+    return SharedPrefix(torch.tensor(pre, **long), prefix_pos, torch.tensor(suf, **long), suffix_at, mask, g_t,
+                        mv(r), mv(t), mv(h_idx), G * Pm + B * Sm)
 
 
 class _PrefixKV:
@@ -284,7 +283,7 @@ class PolicyModel(nn.Module):
         pre = self.backbone(input_ids=sp.prefix_ids, position_ids=sp.prefix_pos, cache=kv,
                             use_cache=True).last_hidden_state
         kv = _PrefixKV(prefix=kv, rows=sp.group)
-        kwargs = {}
+        suffix_pos = sp.suffix_at.expand(3, -1, -1)   # text-only rows: the position is the index
         if batch.pixel_values is not None:
             # Every image is in a suffix (a prefix ends before the first vision token), in row
             # order: the batch's pixels as they are. Positions: each row's own M-RoPE positions
@@ -293,15 +292,13 @@ class PolicyModel(nn.Module):
             pos, _ = self.backbone.get_rope_index(batch.input_ids, batch.mm_token_type_ids,
                                                   image_grid_thw=batch.image_grid_thw,
                                                   attention_mask=batch.attention_mask)
-            suffix_pos = pos.gather(2, sp.suffix_at[None].expand(pos.shape[0], -1, -1))
+            suffix_pos = pos.gather(2, sp.suffix_at.expand(pos.shape[0], -1, -1))
             kwargs = dict(input_ids=sp.suffix_ids, pixel_values=batch.pixel_values,
                           image_grid_thw=batch.image_grid_thw)
         elif self.always_run_vision:
             # Text-only under FSDP: the vision tower runs on a dummy image, as in forward.
-            suffix_pos = sp.suffix_pos
             kwargs = dict(inputs_embeds=self.backbone.get_input_embeddings()(sp.suffix_ids) + self._vision_zero())
         else:
-            suffix_pos = sp.suffix_pos
             kwargs = dict(input_ids=sp.suffix_ids)
         suf = self.backbone(attention_mask=sp.suffix_mask, position_ids=suffix_pos, cache=kv, use_cache=True,
                             **kwargs).last_hidden_state

@@ -8,8 +8,8 @@
 2. `ppo_epochs` passes over token-budgeted micro-batches (grouped by length, `micro_batches`):
    log-probs with grad (the LM head only at the trained tokens, `kept_positions`; each group's
    common prefix, e.g. the prompt of a group of completions up to its image, forwarded once,
-   `shared_layout`, under FSDP when every rank's micro-batch shares), the clipped surrogate (`axpo.kernels.clipped_policy_loss`) with
-   per-token advantages, backward.
+   `shared_layout`, under FSDP when every rank's micro-batch shares), the clipped surrogate
+   (`axpo.kernels.clipped_policy_loss`) with per-token advantages, backward.
 3. The token-mean is global: each micro-batch's loss is scaled by its share of all trained tokens
    of the step across ranks (times the world size, because FSDP averages gradients over ranks), so
    the result does not depend on how tokens were split into micro-batches or ranks.
@@ -257,24 +257,23 @@ def policy_update(policy: PolicyModel, optimizer, trajs, token_adv: list[torch.T
         stats["entropy"] = all_reduce_sum(float(sum(ent_sums)) if ent_sums else 0.0, d) / max(1.0, g_tok)
         return stats
     batches = even_batches(micro_batches([len(r["tokens"]) for r in rows], budget), d)
+    # Per micro-batch, once for all epochs: the head only where the loss reads (trained tokens; a
+    # dummy or all-masked batch runs it everywhere, so its zero loss still reaches every
+    # parameter) and each group's shared prefix (decided by every rank, even with no keep).
+    layouts = []
+    for idx, real in batches:
+        L = max(len(rows[i]["tokens"]) for i in idx)   # pack's padded length
+        keep = kept_positions(host_masks, idx, L, "cpu") if real and sum(n_tokens[i] for i in idx) else None
+        shared = shared_layout(rows, idx, keep, L, fmt, d, device)
+        layouts.append((keep.to(device) if keep is not None else None, shared))
     for epoch in range(epochs):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for idx, real in batches:
+        for (idx, real), (keep, shared) in zip(batches, layouts):
             batch = pack([rows[i] for i in idx], fmt.pad, fmt.image_pad, idx, device=device)
             inp = micro_batch_inputs(idx, real, batch.input_ids.shape[1], masks=masks, old=old,
                                      token_adv=token_adv, ref_logps=ref_logps, n_tokens=n_tokens, device=device)
             want_ent = not old_pass and epoch == 0
-            # The head only where the loss reads (trained tokens); a dummy or all-masked batch runs
-            # it everywhere, so its zero loss still reaches every parameter.
-            keep = None
-            L = batch.input_ids.shape[1]
-            if inp.n_local:
-                keep = kept_positions(host_masks, idx, L, "cpu")
-            # Each group's shared prefix forwarded once (every rank decides, even with no keep).
-            shared = shared_layout(rows, idx, keep, L, fmt, d, device)
-            if keep is not None:
-                keep = keep.to(device)
             logp, ent = policy(batch, temperature=temperature, return_entropy=want_ent, keep=keep, shared=shared)
             if want_ent:
                 ent_sums.append((ent.detach().float() * inp.mask).sum())   # x0 for a dummy batch

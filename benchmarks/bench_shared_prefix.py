@@ -74,6 +74,7 @@ def main() -> None:
             idx = take(len(tr.src.demos), cfg.sft.questions_per_step, step, cfg.trainer.seed)[d.rank::d.world]
             enc = [tr._encoded_demo(i) for i in idx]
             rows = [TrainingRow.of_demo(e) for e in enc]
+            lengths = [len(r) for r in rows]
 
             def work():
                 tr._supervised_step(rows, [e.loss_mask for e in enc], cfg.sft.micro_batch_tokens)
@@ -85,7 +86,7 @@ def main() -> None:
                 t.reward = reward(t)
             tr.loop.release(trajs)
             _, tok_adv, masks = assign(trajs, cfg.algo, [True] * len(trajs))
-            rows = [TrainingRow(list(t.tokens)) for t in trajs]   # lengths, for the token count below
+            lengths = [len(t.tokens) for t in trajs]
             a = cfg.algo
 
             def work():
@@ -103,8 +104,8 @@ def main() -> None:
             times[arm].append(distributed.all_reduce_max(int(wall * 1e6), d) / 1e6)
             cpu[arm].append(distributed.all_reduce_sum(used, d))
             # Forwarded tokens: the shared layout's where it was used, else the padded rows'.
-            batches = up.micro_batches([len(r) for r in rows], stage.micro_batch_tokens)
-            plain = [len(b) * max(len(rows[i]) for i in b) for b in batches]
+            batches = up.micro_batches(lengths, stage.micro_batch_tokens)
+            plain = [len(b) * max(lengths[i] for i in b) for b in batches]
             fwd = sum(s if s is not None else p for s, p in zip(seen, plain)) if arm == "shared" and seen \
                 else sum(plain)
             tokens[arm].append(distributed.all_reduce_sum(float(fwd), d))
