@@ -178,6 +178,81 @@ def test_tool_image_continuation_equals_full_forward(tiny_model, tiny_processor,
         check_logprobs(model, eng, k, n + 2, o, pixel_values=pv, grids=grids)
 
 
+def test_batched_prefill_equals_one_by_one(tiny_model, tiny_processor, backend, monkeypatch):
+    """add_many / extend_many (packed forwards) leave the same tokens, positions, KV and logits as
+    add / extend of each sequence: prompts with and without images, tool responses after a pending
+    sampled token, chunks into forked (copy-on-write) sequences, and packs split by the score
+    bound. Then both engines decode alike."""
+    proc, model = tiny_processor, tiny_model
+    img_p = encode(proc, "<|im_start|>user\nlook <|vision_start|><|image_pad|><|vision_end|> colour?<|im_end|>\n"
+                   "<|im_start|>assistant\n", [image(64, 96, 0)])
+    img_t = encode(proc, "<|im_end|>\n<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|>"
+                   "<|vision_end|>\n</tool_response><|im_end|>\n<|im_start|>assistant\n", [image(96, 64, 1)])
+    mm = lambda e: {} if e[1] is None else {"pixel_values": e[1], "image_grid_thw": e[2]}  # noqa: E731
+    prompts = [(rand_ids(23, 1), None, None), img_p, (rand_ids(5, 2), None, None), (rand_ids(40, 3), None, None)]
+    tools = [(rand_ids(9, 4), None, None), img_t, (rand_ids(17, 5), None, None), (rand_ids(1, 6), None, None)]
+    for bound in (1 << 27, 20_000):                     # one pack; packs of one or two sequences
+        monkeypatch.setattr(engine_mod, "PREFILL_BATCH_SCORES", bound)
+        one, many = make_engine(model), make_engine(model)
+        packs, packed = [], many.runner.prefill_many
+        many.runner.prefill_many = lambda *a, **k: (packs.append(len(a[4])), packed(*a, **k))[1]
+        a = [one.add(e[0], **mm(e)) for e in prompts]
+        b = many.add_many([e[0] for e in prompts], [mm(e) for e in prompts])
+        # Forks: the chunk lands in blocks shared with a sibling (copy-on-write in the pack).
+        a += one.fork(a[0], 1)
+        b += many.fork(b[0], 1)
+        params = [SamplingParams(temperature=1.0, max_tokens=4, seed=i, stop_token_ids=[]) for i in range(5)]
+        oa, ob = one.generate(a, params), many.generate(b, params)
+        assert [o.token_ids for o in oa] == [o.token_ids for o in ob]
+        chunks = tools + [(rand_ids(12, 7), None, None)]
+        for s, e in zip(a, chunks):
+            one.extend(s, e[0], **mm(e))
+        many.extend_many(b, [e[0] for e in chunks], [mm(e) for e in chunks])
+        if bound == 1 << 27:
+            assert packs == [4, 5]                      # every prompt in one pack, every tool response in one
+        else:
+            assert len(packs) > 2 and sum(packs) < 9    # split into several packs, some rows alone
+        assert many.stats["prefill_tokens"] == one.stats["prefill_tokens"]
+        for sa, sb in zip(a, b):
+            assert one.tokens(sa) == many.tokens(sb)
+            assert torch.equal(one.positions(sa), many.positions(sb))
+            torch.testing.assert_close(many.next_token_logits(sb), one.next_token_logits(sa), atol=ATOL, rtol=0)
+            sl_a = torch.tensor(one.bm.slots(sa, 0, one.bm.num_tokens(sa)))
+            sl_b = torch.tensor(many.bm.slots(sb, 0, many.bm.num_tokens(sb)))
+            for layer in range(len(one.cache.k)):
+                torch.testing.assert_close(many.cache.k[layer][sl_b], one.cache.k[layer][sl_a], atol=ATOL, rtol=0)
+                torch.testing.assert_close(many.cache.v[layer][sl_b], one.cache.v[layer][sl_a], atol=ATOL, rtol=0)
+        # Against the model itself: the image prompt + its image tool response.
+        full = many.tokens(b[1])
+        pv, grids = torch.cat([img_p[1], img_t[1]]), torch.cat([img_p[2], img_t[2]])
+        torch.testing.assert_close(many.next_token_logits(b[1]), full_logits(model, full, pv, grids)[-1],
+                                   atol=ATOL, rtol=0)
+        oa = one.generate(a, SamplingParams(temperature=0, max_tokens=5))
+        ob = many.generate(b, SamplingParams(temperature=0, max_tokens=5))
+        assert [o.token_ids for o in oa] == [o.token_ids for o in ob]
+
+
+def test_batched_prefill_checks_everything_before_writing(tiny_model, tiny_processor):
+    eng = make_engine(tiny_model, max_kv_tokens=256)
+    ids, pv, g = encode(tiny_processor, "a <|vision_start|><|image_pad|><|vision_end|> b", [image(64, 64, 2)])
+    with pytest.raises(ValueError, match="image token runs"):
+        eng.add_many([rand_ids(8, 1), ids], [{}, {}])
+    with pytest.raises(ValueError, match="empty token list"):
+        eng.add_many([rand_ids(8, 1), []])
+    with pytest.raises(RuntimeError, match="pool exhausted"):
+        eng.add_many([rand_ids(200, 1), rand_ids(100, 2)])
+    assert eng.stats["sequences"] == 0 and eng.stats["blocks_used"] == 0
+    s = eng.add_many([rand_ids(8, 1), rand_ids(9, 2)])
+    before = [eng.tokens(x) for x in s]
+    with pytest.raises(ValueError, match="patches"):
+        eng.extend_many(s, [rand_ids(3, 3), ids], [{}, {"pixel_values": pv[:-4], "image_grid_thw": g}])
+    with pytest.raises(ValueError, match="listed twice"):
+        eng.extend_many([s[0], s[0]], [rand_ids(3, 3), rand_ids(3, 4)])
+    assert [eng.tokens(x) for x in s] == before           # nothing was written
+    eng.extend_many(s, [rand_ids(3, 3), ids], [{}, {"pixel_values": pv, "image_grid_thw": g}])
+    assert eng.tokens(s[1]) == before[1] + ids
+
+
 def test_image_pad_mismatch_raises(tiny_model, tiny_processor):
     ids, pv, g = encode(tiny_processor, "a <|vision_start|><|image_pad|><|vision_end|> b", [image(64, 64, 2)])
     eng = make_engine(tiny_model)

@@ -2,7 +2,9 @@
 turn, run the tool, append its response as tokens, continue until a final answer or a limit.
 
 All live trajectories (every question's group, and AXPO's branches) advance together: each engine
-call decodes one turn for the whole batch, so the batch stays wide while tools run in between.
+call decodes one turn for the whole batch, so the batch stays wide while tools run in between, and
+the prompts of a rollout, the tool responses of a turn and the forced openings of a branch set are
+prefilled in packed forwards (`Engine.add_many` / `extend_many`), not one forward per sequence.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ class AgentLoop:
         sampled (e.g. to force a reasoning opening or a tool call); a prefix that ends with
         `</tool_call>` has its call run before sampling starts."""
         trajs = []
-        for g, sample in enumerate(samples):
-            chunk = self.fmt.prompt(sample.question, sample.images, self._schemas(sample))
-            parent = self.engine.add(chunk.ids, **self._mm(chunk))
+        chunks = [self.fmt.prompt(s.question, s.images, self._schemas(s)) for s in samples]
+        parents = self._add_many(chunks)       # every prompt in packed prefill forwards
+        for g, (sample, chunk, parent) in enumerate(zip(samples, chunks, parents)):
             children = self.engine.fork(parent, n)
             self.engine.free(parent)
             for i, seq in enumerate(children):
@@ -55,7 +57,9 @@ class AgentLoop:
                     t.append(list(forced), sampled=True)
                     if forced[-1] == self.fmt.tool_call_end:
                         t.turns += 1
-                        self._after_turn(t, t.prompt_len, "stop", sample)
+                        more = self._after_turn(t, t.prompt_len, "stop", sample)
+                        if more is not None:
+                            self.engine.extend(t.seq_id, more.ids, **self._mm(more))
         self.run(trajs, {t.uid: s for t, s in zip(trajs, [s for s in samples for _ in range(n)])}, step=step)
         return trajs
 
@@ -74,6 +78,10 @@ class AgentLoop:
         if not parent.prompt_len <= cut <= len(parent.tokens):
             raise ValueError(f"branch: cut {cut} outside the response of {parent.uid}")
         seqs = self.engine.fork_at(parent.seq_id, cut, k)
+        if force_tool_call:
+            # The branch must act: "<tool_call>" is prefilled (one packed forward for all k); in the
+            # loss only if train_forced.
+            self._extend_many(seqs, [Chunk([self.fmt.tool_call], [], [], [])] * k)
         out = []
         for i, seq in enumerate(seqs):
             spans = [s for s in parent.image_spans if s.end <= cut]
@@ -87,8 +95,6 @@ class AgentLoop:
                 turns=sum(1 for c in parent.tool_calls if c.end <= cut),
                 parent_uid=parent.uid, cut=cut, branch_set=branch_set, seq_id=seq)
             if force_tool_call:
-                # The branch must act: "<tool_call>" is prefilled; in the loss only if train_forced.
-                self.engine.extend(seq, [self.fmt.tool_call])
                 t.append([self.fmt.tool_call], sampled=train_forced)
             out.append(t)
         return out
@@ -112,13 +118,17 @@ class AgentLoop:
                     stop_token_ids=self.fmt.stop_ids, banned_token_ids=self.fmt.banned_ids,
                     seed=_seed(self.seed, step, t.uid, t.turns)))
             outs = self.engine.generate([t.seq_id for t in active], params)
-            still = []
+            still, responses = [], []
             for t, out in zip(active, outs):
                 turn_start = len(t.tokens)
                 t.append(out.token_ids, sampled=True, logprobs=out.logprobs, entropies=out.entropies)
                 t.turns += 1
-                if self._after_turn(t, turn_start, out.finish_reason, samples[t.uid]):
+                more = self._after_turn(t, turn_start, out.finish_reason, samples[t.uid])
+                if more is not None:
                     still.append(t)
+                    responses.append(more)
+            # Every continuing trajectory's tool response in packed prefill forwards.
+            self._extend_many([t.seq_id for t in still], responses)
             active = still
 
     # -- internals --------------------------------------------------------------------------
@@ -138,6 +148,20 @@ class AgentLoop:
             self._subsets[key] = self.tools.subset(list(names))
         return self._subsets[key]
 
+    def _add_many(self, chunks: list[Chunk]) -> list[int]:
+        add_many = getattr(self.engine, "add_many", None)    # an engine without it: one by one
+        if add_many is None:
+            return [self.engine.add(c.ids, **self._mm(c)) for c in chunks]
+        return add_many([c.ids for c in chunks], [self._mm(c) for c in chunks])
+
+    def _extend_many(self, seq_ids: list[int], chunks: list[Chunk]) -> None:
+        extend_many = getattr(self.engine, "extend_many", None)
+        if extend_many is None:
+            for s, c in zip(seq_ids, chunks):
+                self.engine.extend(s, c.ids, **self._mm(c))
+        elif seq_ids:
+            extend_many(seq_ids, [c.ids for c in chunks], [self._mm(c) for c in chunks])
+
     @staticmethod
     def _mm(chunk: Chunk) -> dict:
         if not chunk.pixel_values:
@@ -154,19 +178,21 @@ class AgentLoop:
             t.image_spans.append(ImageSpan(base + s, base + e, grid, from_tool))
             t.pixel_values.append(pv)
 
-    def _after_turn(self, t: Trajectory, turn_start: int, finish_reason: str, sample) -> bool:
-        """Handle the end of a turn; True if the trajectory continues."""
+    def _after_turn(self, t: Trajectory, turn_start: int, finish_reason: str, sample) -> Chunk | None:
+        """Handle the end of a turn: run its tool call and append the response to the trajectory.
+        Returns the response chunk for the engine if the trajectory continues (the caller
+        prefills it), else None."""
         turn = t.tokens[turn_start:]
         last = turn[-1] if turn else None
         if finish_reason == "stop" and last == self.fmt.im_end:
             t.finished = True
             t.final_text = self.fmt.decode(turn)
-            return False
+            return None
         if finish_reason != "stop" or last != self.fmt.tool_call_end:
             # Out of tokens mid-turn: flagged so the loss can mask it rather than penalise it.
             t.truncated = True
             t.final_text = self.fmt.decode(turn)
-            return False
+            return None
         # A tool call closed. Its opening is in this turn, or is the forced "<tool_call>" of an
         # AXPO branch just before it (the token before a turn is otherwise never <tool_call>).
         lo = max(t.prompt_len, turn_start - 1)
@@ -182,12 +208,11 @@ class AgentLoop:
             arguments=call.arguments if call else None, error=result.error))
         if t.turns >= self.cfg.max_turns:
             t.truncated = True
-            return False
+            return None
         chunk = self.fmt.tool_response(result.text, result.images)
         if len(t.tokens) + len(chunk.ids) + 1 > self.cfg.max_total_tokens:
             t.truncated = True
-            return False
-        self.engine.extend(t.seq_id, chunk.ids, **self._mm(chunk))
+            return None
         self._append(t, chunk, from_tool=True)
         t.images.extend(result.images)
-        return True
+        return chunk

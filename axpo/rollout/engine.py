@@ -2,9 +2,11 @@
 
 A sequence is a list of token ids, its image spans (which fix its M-RoPE positions) and its KV in
 the paged cache, addressed through the block manager's table. `add`/`extend` prefill chunks
-(prompts, tool responses with images); `generate` decodes a batch until every row stops;
-`fork`/`fork_at` create branches that share the KV of a prefix, so resampling K continuations
-from a point of a finished rollout costs no prefill (`stats["prefill_tokens"]` does not move).
+(prompts, tool responses with images), and `add_many`/`extend_many` those of several sequences
+in packed forwards (a rollout's prompts, a turn's tool responses); `generate` decodes a batch
+until every row stops; `fork`/`fork_at` create branches that share the KV of a prefix, so
+resampling K continuations from a point of a finished rollout costs no prefill
+(`stats["prefill_tokens"]` does not move).
 
 State of a sequence. The last token of a sequence may be *pending*: sampled but not yet
 forwarded (its KV is written by the next step that needs it: the next `generate` step, the
@@ -46,6 +48,21 @@ from axpo.rollout.sampling import Completion, Sampler, SamplingParams
 __all__ = ["Engine", "SamplingParams", "Completion"]
 
 log = logging.getLogger(__name__)
+
+
+# A packed prefill's attention scores (chunks x query heads x longest chunk x longest sequence) at
+# most: the math path materialises them (512 MiB in fp32 at this bound).
+PREFILL_BATCH_SCORES = 1 << 27
+
+
+class _Chunk:
+    """A checked chunk for a sequence: its pending head token(s), the chunk, the spans after it."""
+
+    __slots__ = ("sid", "past", "head", "chunk", "spans", "pixel_values", "image_grid_thw")
+
+    def __init__(self, sid, past, head, chunk, spans, pixel_values, image_grid_thw):
+        self.sid, self.past, self.head, self.chunk, self.spans = sid, past, head, chunk, spans
+        self.pixel_values, self.image_grid_thw = pixel_values, image_grid_thw
 
 
 class _Seq:
@@ -100,7 +117,7 @@ class Engine:
         self._version = 0
         self._count = dict(prefill_tokens=0, decode_tokens=0, sampled_tokens=0, decode_steps=0,
                            logit_forwards=0, forks=0, generate_calls=0, workspace_bytes_moved=0,
-                           paged_decode_calls=0)
+                           paged_decode_calls=0, batched_prefills=0)
         self._workspace_bytes = 0
 
     # -- sequences ---------------------------------------------------------------------------
@@ -128,6 +145,44 @@ class Engine:
         ids = [int(t) for t in token_ids]
         if ids:
             self._prefill(seq_id, ids, pixel_values, image_grid_thw, "extend")
+
+    def add_many(self, chunks: list[list[int]], mm: list[dict] | None = None) -> list[int]:
+        """New sequences, prefilled together in packed forwards: the same sequences and logits as
+        `add` of each (mm: per sequence {} or dict(pixel_values=..., image_grid_thw=...)).
+        All or nothing: on an error no sequence is left behind."""
+        mm = mm or [{}] * len(chunks)
+        if len(mm) != len(chunks):
+            raise ValueError(f"add_many: {len(chunks)} chunks but {len(mm)} image entries")
+        chunks = [[int(t) for t in ids] for ids in chunks]
+        if any(not ids for ids in chunks):
+            raise ValueError("add_many: empty token list")
+        sids = []
+        try:
+            for _ in chunks:
+                sid = self.bm.allocate(0)
+                sids.append(sid)
+                self._next_id = max(self._next_id, sid + 1)
+                self._seqs[sid] = _Seq([], (), None, self._version)
+            self._prefill_many(list(zip(sids, chunks, mm)), "add_many")
+        except BaseException:
+            for sid in sids:
+                self.bm.free(sid)
+                del self._seqs[sid]
+            raise
+        return sids
+
+    def extend_many(self, seq_ids: list[int], chunks: list[list[int]], mm: list[dict] | None = None) -> None:
+        """`extend` of several distinct sequences in packed forwards (tool responses of a turn).
+        Every chunk is checked before any is written."""
+        seq_ids = list(seq_ids)
+        mm = mm or [{}] * len(seq_ids)
+        if not len(seq_ids) == len(chunks) == len(mm):
+            raise ValueError(f"extend_many: {len(seq_ids)} sequences, {len(chunks)} chunks, {len(mm)} image entries")
+        for sid in seq_ids:
+            self._get(sid, "extend_many", write=True)
+        items = [(sid, [int(t) for t in ids], m) for sid, ids, m in zip(seq_ids, chunks, mm) if len(ids)]
+        if items:
+            self._prefill_many(items, "extend_many")
 
     def generate(self, seq_ids: list[int], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Decode every sequence until it emits a stop token or reaches max_tokens, batched.
@@ -354,7 +409,8 @@ class Engine:
             s.logits = logits
         return logits
 
-    def _prefill(self, sid: int, chunk: list[int], pixel_values, image_grid_thw, op: str) -> None:
+    def _plan_chunk(self, sid: int, chunk: list[int], pixel_values, image_grid_thw, op: str) -> _Chunk:
+        """Check a chunk for a sequence and work out its tokens and spans; changes nothing."""
         s = self._seqs[sid]
         past = self.bm.num_tokens(sid)
         head = s.tokens[past:]                       # the pending token, if any
@@ -364,28 +420,97 @@ class Engine:
         if grids and not self.runner.is_vl:
             raise ValueError(f"{op}: images given but {type(self.model).__name__} is not a vision-language model")
         spans = add_chunk_spans(s.spans, len(s.tokens), chunk, self.runner.image_token_id, grids, self.runner.merge)
-        ids = torch.tensor(head + chunk, device=self.device)
-        images = None
         if grids:
             want = sum(t * h * w for t, h, w in grids)
             if pixel_values.shape[0] != want:
                 raise ValueError(f"{op}: pixel_values has {pixel_values.shape[0]} patches, the grids need {want}")
-            embeds, deep = self.runner.image_features(pixel_values, image_grid_thw)
-            mask = ids == self.runner.image_token_id
-            mask[: len(head)] = False
-            if embeds.shape[0] != int(mask.sum()):
-                raise ValueError(f"{op}: Image features and image tokens do not match: {int(mask.sum())} tokens, "
-                                 f"{embeds.shape[0]} features")
-            images = (mask, embeds, deep)
-        n = len(head) + len(chunk)
-        self.cache.copy_blocks(self.bm.append(sid, n))
-        slots = torch.tensor(self.bm.slots(sid, 0, past + n), device=self.device)
-        pos = positions(spans, past, past + n).to(self.device)
-        s.logits = self.runner.prefill(self.cache, ids, pos, slots, past, images=images)
-        s.tokens.extend(chunk)
-        s.spans = spans
-        self._count["prefill_tokens"] += len(chunk)
-        self._count["decode_tokens"] += len(head)
+        return _Chunk(sid, past, head, chunk, spans, pixel_values if grids else None, image_grid_thw if grids else None)
+
+    def _images(self, ids: torch.Tensor, heads: list[tuple[int, int]], pixel_values, image_grid_thw, op: str):
+        """(image-token mask over ids, embeddings, DeepStack features), or None without images.
+        heads: (start, length) of each pending head token run in ids (never image tokens)."""
+        if pixel_values is None:
+            return None
+        embeds, deep = self.runner.image_features(pixel_values, image_grid_thw)
+        mask = ids == self.runner.image_token_id
+        for a, n in heads:
+            mask[a:a + n] = False
+        if embeds.shape[0] != int(mask.sum()):
+            raise ValueError(f"{op}: Image features and image tokens do not match: {int(mask.sum())} tokens, "
+                             f"{embeds.shape[0]} features")
+        return mask, embeds, deep
+
+    def _commit(self, c: _Chunk, logits: torch.Tensor) -> None:
+        s = self._seqs[c.sid]
+        s.logits = logits
+        s.tokens.extend(c.chunk)
+        s.spans = c.spans
+        self._count["prefill_tokens"] += len(c.chunk)
+        self._count["decode_tokens"] += len(c.head)
+
+    def _prefill(self, sid: int, chunk: list[int], pixel_values, image_grid_thw, op: str) -> None:
+        self._prefill_one(self._plan_chunk(sid, chunk, pixel_values, image_grid_thw, op), op)
+
+    def _prefill_one(self, c: _Chunk, op: str) -> None:
+        ids = torch.tensor(c.head + c.chunk, device=self.device)
+        images = self._images(ids, [(0, len(c.head))], c.pixel_values, c.image_grid_thw, op)
+        n = len(c.head) + len(c.chunk)
+        self.cache.copy_blocks(self.bm.append(c.sid, n))
+        slots = torch.tensor(self.bm.slots(c.sid, 0, c.past + n), device=self.device)
+        pos = positions(c.spans, c.past, c.past + n).to(self.device)
+        self._commit(c, self.runner.prefill(self.cache, ids, pos, slots, c.past, images=images))
+
+    def _prefill_many(self, items: list[tuple[int, list[int], dict]], op: str) -> None:
+        """Prefill chunks of several distinct sequences: all are checked before any is written,
+        then they run in packed forwards (`ModelRunner.prefill_many`) of at most
+        PREFILL_BATCH_SCORES attention scores each; the same KV and logits as one `_prefill` each."""
+        if len({sid for sid, _, _ in items}) != len(items):
+            raise ValueError(f"{op}: a sequence is listed twice")
+        plans = [self._plan_chunk(sid, chunk, mm.get("pixel_values"), mm.get("image_grid_thw"), op)
+                 for sid, chunk, mm in items]
+        need = sum(self.bm.append_blocks_needed(c.sid, len(c.head) + len(c.chunk)) for c in plans)
+        if need > self.bm.num_free_blocks:
+            raise PoolExhaustedError(f"{op}: KV pool exhausted (need up to {need} blocks, "
+                                     f"{self.bm.num_free_blocks} free); raise max_kv_tokens or free sequences")
+        heads = self.runner.num_heads
+        group: list[_Chunk] = []
+        for c in plans + [None]:
+            if c is not None and group:
+                rows = len(group) + 1
+                cmax = max(len(g.head) + len(g.chunk) for g in group + [c])
+                lmax = max(g.past + len(g.head) + len(g.chunk) for g in group + [c])
+                if rows * heads * cmax * lmax <= PREFILL_BATCH_SCORES:
+                    group.append(c)
+                    continue
+            if len(group) == 1:
+                self._prefill_one(group[0], op)
+            elif group:
+                self._prefill_group(group, op)
+            group = [c]
+
+    def _prefill_group(self, group: list[_Chunk], op: str) -> None:
+        ids, pos, new_slots, rows, heads, copies = [], [], [], [], [], []
+        for c in group:
+            n = len(c.head) + len(c.chunk)
+            copies += self.bm.append(c.sid, n)
+        self.cache.copy_blocks(copies)
+        for c in group:
+            n = len(c.head) + len(c.chunk)
+            heads.append((len(ids), len(c.head)))
+            ids += c.head + c.chunk
+            slots = self.bm.slots(c.sid, 0, c.past + n)
+            new_slots += slots[c.past:]
+            rows.append((c.past, n, slots))
+            pos.append(positions(c.spans, c.past, c.past + n))
+        ids_t = torch.tensor(ids, device=self.device)
+        pv = [c.pixel_values for c in group if c.pixel_values is not None]
+        grids = [c.image_grid_thw for c in group if c.image_grid_thw is not None]
+        images = self._images(ids_t, heads, torch.cat(pv) if pv else None, torch.cat(grids) if grids else None, op)
+        logits = self.runner.prefill_many(self.cache, ids_t, torch.cat(pos, 1).to(self.device),
+                                          torch.tensor(new_slots, device=self.device), rows, images=images)
+        for c, lg in zip(group, logits):
+            self._commit(c, lg)
+        self._count["batched_prefills"] += 1
 
     def _decode_batch(self, seq_ids: list[int], capacity: int) -> tuple[DecodeBatch, list[int]]:
         self.runner.prepare()

@@ -131,6 +131,59 @@ class ModelRunner:
         return self._logits(x[0, -1])
 
     @torch.no_grad()
+    def prefill_many(self, cache: PagedKVCache, ids: torch.Tensor, pos: torch.Tensor, new_slots: torch.Tensor,
+                     rows: list[tuple[int, int, list[int]]], *, images=None) -> torch.Tensor:
+        """Forward the chunks of several sequences at once, packed into one row of N tokens.
+
+        ids [N]; pos [3, N]; new_slots [N]: where each chunk token's KV goes; rows: per sequence,
+        in packing order, (past, C, slots of its tokens [0, past + C)). Every op but attention runs
+        once over the N tokens (one GEMM per projection instead of one per sequence: at rollout
+        sizes a sequence's prefill costs its op count, not its arithmetic). Attention: each
+        chunk's queries against its own sequence's keys, causal from its `past`, padded to the
+        longest chunk and sequence. images as in `prefill`, over the packed tokens. Returns the
+        logits [R, V] of each chunk's last token (fp32)."""
+        dev = ids.device
+        x = self.text.embed_tokens(ids)[None]
+        if images is not None:
+            mask, embeds, deep = images
+            x[0, mask] = embeds.to(x.dtype)
+        cos, sin = self._rope(x, pos[:, None, :])
+        r = len(rows)
+        cmax = max(c for _, c, _ in rows)
+        lmax = max(p + c for p, c, _ in rows)
+        qidx, kv_slots, last, valid, start = [], [], [], [], 0
+        for j, (past, c, slots) in enumerate(rows):
+            qidx.append([start + min(i, c - 1) for i in range(cmax)])     # padding repeats the last query
+            kv_slots.append(list(slots) + [slots[0]] * (lmax - len(slots)))  # padding: a written slot, masked
+            valid.extend(range(j * cmax, j * cmax + c))
+            start += c
+            last.append(start - 1)
+        qidx = torch.tensor(qidx, device=dev)
+        kv_slots = torch.tensor(kv_slots, device=dev).view(-1)
+        valid = torch.tensor(valid, device=dev)
+        past_t = torch.tensor([p for p, _, _ in rows], device=dev)
+        c_t = torch.tensor([c for _, c, _ in rows], device=dev)
+        i = torch.minimum(torch.arange(cmax, device=dev)[None], c_t[:, None] - 1)       # [R, cmax]
+        allow = torch.arange(lmax, device=dev)[None, None] <= (past_t[:, None] + i)[:, :, None]
+        allow = allow[:, None]                                                        # [R, 1, cmax, lmax]
+        hkv, d = self.num_kv_heads, self.head_dim
+        for li, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer.self_attn, h, cos, sin)                         # [1, H*, N, D]
+            cache.write(li, new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            kk, vv = cache.gather(li, kv_slots)
+            kk = kk.view(r, lmax, hkv, d).transpose(1, 2)
+            vv = vv.view(r, lmax, hkv, d).transpose(1, 2)
+            qq = q[0][:, qidx].transpose(0, 1)                                        # [R, Hq, cmax, D]
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allow, scale=self.scale, enable_gqa=True)
+            o = o.transpose(1, 2).reshape(r * cmax, -1).index_select(0, valid)        # [N, Hq * D]
+            x = x + layer.self_attn.o_proj(o[None])
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if images is not None and li < len(deep):
+                x[0, mask] = x[0, mask] + deep[li].to(x.dtype)
+        return self._logits(x[0, last])
+
+    @torch.no_grad()
     def decode(self, cache: PagedKVCache, batch: DecodeBatch, ids: torch.Tensor, pos: torch.Tensor,
                slots: torch.Tensor, max_pos: int | None = None) -> torch.Tensor:
         """One token per row: ids [B], pos [3, B], slots [B] (where each token's KV goes).

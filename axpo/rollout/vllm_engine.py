@@ -233,6 +233,28 @@ class VLLMEngine:
         if ids:
             self._append(s, ids, pixel_values, image_grid_thw, "extend")
 
+    def add_many(self, chunks: list[list[int]], mm: list[dict] | None = None) -> list[int]:
+        """`add` of each (vLLM prefills when it generates, batched there); all or nothing."""
+        mm = mm or [{}] * len(chunks)
+        if len(mm) != len(chunks):
+            raise ValueError(f"add_many: {len(chunks)} chunks but {len(mm)} image entries")
+        sids = []
+        try:
+            for ids, m in zip(chunks, mm):
+                sids.append(self.add(ids, **m))
+        except BaseException:
+            for sid in sids:
+                del self._seqs[sid]
+            raise
+        return sids
+
+    def extend_many(self, seq_ids: list[int], chunks: list[list[int]], mm: list[dict] | None = None) -> None:
+        mm = mm or [{}] * len(seq_ids)
+        if not len(seq_ids) == len(chunks) == len(mm):
+            raise ValueError(f"extend_many: {len(seq_ids)} sequences, {len(chunks)} chunks, {len(mm)} image entries")
+        for sid, ids, m in zip(seq_ids, chunks, mm):
+            self.extend(sid, ids, **m)
+
     def generate(self, seq_ids: list[int], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """One request per row: the row's whole prefix, sampled until a stop token or max_tokens.
         Sampled tokens are appended to the sequences."""
