@@ -21,6 +21,7 @@ import re
 import signal
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -426,18 +427,33 @@ class Trainer:
         cfg, d = self.cfg, self.d
         demos = self.src.demos
         self.log.start_stage("sft", cfg.sft.steps, start)
-        for step in range(start, cfg.sft.steps):
-            t = time.time()
+
+        def encoded(step: int) -> list:
             idx = take(len(demos), cfg.sft.questions_per_step, step, cfg.trainer.seed)[d.rank::d.world]
-            enc = [self._encoded_demo(i) for i in idx]
-            rows = [TrainingRow.of_demo(e) for e in enc]
-            metrics = self._supervised_step(rows, [e.loss_mask for e in enc], cfg.sft.micro_batch_tokens)
-            dt = time.time() - t
-            self.log.log("sft", step + 1, {**metrics, "tokens_per_s": metrics["tokens"] / dt, "step_time": dt})
-            self._check_skipped("sft", step + 1, metrics)
-            self._checkpoint("sft", step + 1, cfg.sft.steps)
+            return [self._encoded_demo(i) for i in idx]
+
+        # The next step's demonstrations are made (real tool runs: a sandboxed python call is a
+        # process start) and encoded in a background thread while this step trains. A
+        # demonstration depends only on its index, so the steps see exactly what they saw before.
+        with ThreadPoolExecutor(1, thread_name_prefix="axpo-demos") as pool:
+            ahead = pool.submit(encoded, start) if start < cfg.sft.steps else None
+            try:
+                for step in range(start, cfg.sft.steps):
+                    t = time.time()
+                    enc = ahead.result()
+                    ahead = pool.submit(encoded, step + 1) if step + 1 < cfg.sft.steps else None
+                    rows = [TrainingRow.of_demo(e) for e in enc]
+                    metrics = self._supervised_step(rows, [e.loss_mask for e in enc], cfg.sft.micro_batch_tokens)
+                    dt = time.time() - t
+                    self.log.log("sft", step + 1, {**metrics, "tokens_per_s": metrics["tokens"] / dt, "step_time": dt})
+                    self._check_skipped("sft", step + 1, metrics)
+                    self._checkpoint("sft", step + 1, cfg.sft.steps)
+            finally:
+                if ahead is not None:
+                    ahead.cancel()
 
     def _encoded_demo(self, i: int):
+        # In SFT this runs in the prefetch thread, one call at a time: the cache needs no lock.
         if i not in self._demo_cache:
             demo = self.src.demos[i]
             self._demo_cache[i] = encode_demo(demo.messages, demo.images, self.fmt,
