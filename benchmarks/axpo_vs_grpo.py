@@ -250,6 +250,8 @@ def main() -> None:
     ap.add_argument("--dose", action="store_true", help="the dose-response instead: grpo and axpo at --dose-skills")
     ap.add_argument("--dose-skills", type=float, nargs="+", default=[0.02, 0.1, 0.3])
     ap.add_argument("--dose-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--probe-skills", type=float, nargs="*", default=[],
+                    help="with --dose: SFT checkpoints only measured (the demo skill -> measured skill map)")
     ap.add_argument("--gate-steps", type=int, default=5)
     ap.add_argument("--ignore-gate", action="store_true")
     ap.add_argument("--nproc", type=int, default=2)
@@ -314,25 +316,52 @@ def main() -> None:
 
 
 def dose(args, work: Path, out: Path, common: list[str], options: int, cmd: str) -> None:
+    """AXPO - GRPO at each of `--dose-skills`. The dose is what SFT left, the measured P(right
+    locker | call), not the demonstrations' skill: the two need not agree (`--probe-skills` adds
+    SFT checkpoints that are only measured, to show the mapping between them)."""
+    t = args.task
     lines = ["# AXPO - GRPO against the SFT argument skill (lockers)", "", f"Command: `{cmd}`", "",
-             "Skill: the chance that a demonstrated call opens the right locker; measured: P(right "
-             "locker | call) after SFT. Paired differences over seeds " + ", ".join(map(str, args.dose_seeds)) + ".", "",
-             "| SFT skill | measured right-call rate | tool use after SFT | GRPO Pass@1 | AXPO Pass@1 | "
-             "AXPO - GRPO Pass@1 | AXPO - GRPO final tool use | AXPO resample success |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Demo skill: the chance that a demonstrated call opens the right locker "
+             "(`data.demo_options.wrong_call_prob = 1 - skill`). The dose is what SFT left: the measured "
+             f"P(right locker | call) on the held-out questions (chance: 1/{_task_slots(args)}).", "",
+             "## SFT checkpoints", "",
+             "| demo skill | measured right-call rate | accuracy after a right call | tool use | Pass@1 |",
+             "|---|---|---|---|---|"]
+    sft = {}
+    for skill in sorted(set(args.dose_skills) | set(args.probe_skills)):
+        sft[skill] = sft_checkpoint(work, skill, args, common)
+        ev = sft[skill][1]
+        lines.append(f"| {skill:g} | {ev.get(f'{t}/right_call_rate', math.nan):.3f} | "
+                     f"{ev.get(f'{t}/accuracy_after_right_call', math.nan):.3f} | "
+                     f"{ev.get('tool_use_rate', math.nan):.3f} | {ev.get('pass@1', math.nan):.3f} |")
+    lines += ["", "## RL from each dose", "",
+              "Paired differences over seeds " + ", ".join(map(str, args.dose_seeds)) + " (seeds > 0).", "",
+              "| demo skill | measured right-call rate | GRPO Pass@1 | AXPO Pass@1 | AXPO - GRPO Pass@1 | "
+              "AXPO - GRPO final tool use | AXPO trigger rate | AXPO resample success | right-call rate after RL "
+              "(GRPO / AXPO) |", "|---|---|---|---|---|---|---|---|---|"]
     for skill in args.dose_skills:
-        ckpt, sft_eval = sft_checkpoint(work, skill, args, common)
+        ckpt, sft_eval = sft[skill]
         tag = f"skill{skill:g}_"
         res = {arm: [run_arm(work, tag, arm, s, ckpt, args, common) for s in args.dose_seeds] for arm in ("grpo", "axpo")}
+        rc = lambda arm: ms([r["eval"].get(f"{t}/right_call_rate", math.nan) for r in res[arm]])  # noqa: E731
         lines.append(
-            f"| {skill:g} | {sft_eval.get(f'{args.task}/right_call_rate', math.nan):.3f} | "
-            f"{sft_eval.get('tool_use_rate', math.nan):.3f} | {ms([r['eval'].get('pass@1', math.nan) for r in res['grpo']])} | "
+            f"| {skill:g} | {sft_eval.get(f'{t}/right_call_rate', math.nan):.3f} | "
+            f"{ms([r['eval'].get('pass@1', math.nan) for r in res['grpo']])} | "
             f"{ms([r['eval'].get('pass@1', math.nan) for r in res['axpo']])} | "
             f"{paired(res['axpo'], res['grpo'], lambda r: r['eval'].get('pass@1', math.nan))} | "
             f"{paired(res['axpo'], res['grpo'], lambda r: r['eval'].get('tool_use_rate', math.nan))} | "
-            f"{ms([r['resample_success'] for r in res['axpo']])} |")
+            f"{ms([r['trigger_rate'] for r in res['axpo']])} | {ms([r['resample_success'] for r in res['axpo']])} | "
+            f"{rc('grpo')} / {rc('axpo')} |")
         (out / "axpo_dose.md").write_text("\n".join(lines) + "\n")
+    (out / "axpo_dose.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _task_slots(args) -> int:
+    from axpo.config import load_config
+
+    cfg = load_config(args.config, list(args.extra))
+    return int(cfg.data.task_options.get(args.task, {}).get("slots", 9))
 
 
 def _task_options(args) -> int:
