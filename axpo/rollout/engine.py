@@ -64,6 +64,11 @@ class _Chunk:
         self.sid, self.past, self.head, self.chunk, self.spans = sid, past, head, chunk, spans
         self.pixel_values, self.image_grid_thw = pixel_values, image_grid_thw
 
+    @property
+    def n(self) -> int:
+        """Tokens this prefill forwards: the pending head and the chunk."""
+        return len(self.head) + len(self.chunk)
+
 
 class _Seq:
     __slots__ = ("tokens", "spans", "logits", "version", "pinned")
@@ -454,7 +459,7 @@ class Engine:
     def _prefill_one(self, c: _Chunk, op: str) -> None:
         ids = torch.tensor(c.head + c.chunk, device=self.device)
         images = self._images(ids, [(0, len(c.head))], c.pixel_values, c.image_grid_thw, op)
-        n = len(c.head) + len(c.chunk)
+        n = c.n
         self.cache.copy_blocks(self.bm.append(c.sid, n))
         slots = torch.tensor(self.bm.slots(c.sid, 0, c.past + n), device=self.device)
         pos = positions(c.spans, c.past, c.past + n).to(self.device)
@@ -468,34 +473,34 @@ class Engine:
             raise ValueError(f"{op}: a sequence is listed twice")
         plans = [self._plan_chunk(sid, chunk, mm.get("pixel_values"), mm.get("image_grid_thw"), op)
                  for sid, chunk, mm in items]
-        need = sum(self.bm.append_blocks_needed(c.sid, len(c.head) + len(c.chunk)) for c in plans)
+        need = sum(self.bm.append_blocks_needed(c.sid, c.n) for c in plans)
         if need > self.bm.num_free_blocks:
             raise PoolExhaustedError(f"{op}: KV pool exhausted (need up to {need} blocks, "
                                      f"{self.bm.num_free_blocks} free); raise max_kv_tokens or free sequences")
         heads = self.runner.num_heads
         group: list[_Chunk] = []
+        cmax = lmax = 0                             # the pack's longest chunk and sequence
         for c in plans + [None]:
-            if c is not None and group:
-                rows = len(group) + 1
-                cmax = max(len(g.head) + len(g.chunk) for g in group + [c])
-                lmax = max(g.past + len(g.head) + len(g.chunk) for g in group + [c])
-                if rows * heads * cmax * lmax <= PREFILL_BATCH_SCORES:
+            if c is not None:
+                cm, lm = max(cmax, c.n), max(lmax, c.past + c.n)
+                if not group or (len(group) + 1) * heads * cm * lm <= PREFILL_BATCH_SCORES:
                     group.append(c)
+                    cmax, lmax = cm, lm
                     continue
             if len(group) == 1:
                 self._prefill_one(group[0], op)
             elif group:
                 self._prefill_group(group, op)
             group = [c]
+            cmax, lmax = (c.n, c.past + c.n) if c is not None else (0, 0)
 
     def _prefill_group(self, group: list[_Chunk], op: str) -> None:
         ids, pos, new_slots, rows, heads, copies = [], [], [], [], [], []
         for c in group:
-            n = len(c.head) + len(c.chunk)
-            copies += self.bm.append(c.sid, n)
+            copies += self.bm.append(c.sid, c.n)
         self.cache.copy_blocks(copies)
         for c in group:
-            n = len(c.head) + len(c.chunk)
+            n = c.n
             heads.append((len(ids), len(c.head)))
             ids += c.head + c.chunk
             slots = self.bm.slots(c.sid, 0, c.past + n)
