@@ -46,7 +46,6 @@ import warnings
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OUT_NAME = "bench_trainer.jsonl"
 PROMPTS, PER_STEP, G, NEW_TOKENS, LR = 64, 8, 8, 64, 1e-5
