@@ -18,14 +18,33 @@ FakeTensorMode (any device) and torch.compile(fullgraph=True) without graph brea
 
 if __name__ != "axpo.kernels":
     # Imported under another name, i.e. as a bare top-level `kernels` because this checkout's root
-    # is on sys.path (benchmarks, `python -m pytest` from the root): transformers imports
-    # `kernels` to probe for Hugging Face's package of that name. Registering the ops again here
-    # would make torch replace the `axpo::` ops by name (custom_op overwrites), leaving the
-    # handles axpo.kernels holds dangling: "schema_.has_value() INTERNAL ASSERT FAILED",
-    # std::bad_alloc or a segfault in the next call. So this name gets an empty module with no
-    # submodules and no version (transformers then reports its package as unavailable).
-    __path__ = []
-    __all__ = []
+    # is on sys.path (`python -m axpo.eval` or `python -m pytest` run from the root, a script that
+    # puts the root first). Two things must hold then:
+    # - The ops must not be registered again: torch would replace the `axpo::` ops by name
+    #   (custom_op overwrites), leaving the handles axpo.kernels holds dangling
+    #   ("schema_.has_value() INTERNAL ASSERT FAILED", std::bad_alloc or a segfault later).
+    # - `kernels` must still mean Hugging Face's package of that name where it is installed:
+    #   transformers >= 5.2x depends on it and runs `from kernels import CUDAProperties, ...` as
+    #   soon as its activations module loads, which failed from the repository root.
+    # So the name is handed to the installed package found on sys.path without this checkout
+    # (the import system returns whatever sys.modules holds for the name after this runs), and
+    # where there is none it stays an empty module with no submodules and no version
+    # (transformers then reports the package as unavailable).
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _path = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
+    _spec = _machinery.PathFinder.find_spec(__name__, _path)
+    if _spec is not None and _spec.loader is not None:
+        _real = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _real
+        _spec.loader.exec_module(_real)
+    else:
+        __path__ = []
+        __all__ = []
 else:
     from .dispatch import HAS_TRITON, backend_for
     from .linear_logprob_entropy import linear_logprob_entropy

@@ -313,3 +313,29 @@ def test_bare_kernels_import_does_not_replace_the_ops():
     out = subprocess.run([sys.executable, "-c", _SHADOW_CHECK, root], capture_output=True, text=True, cwd="/",
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_transformers_loads_from_the_repository_root():
+    """From the repository root (`python -m axpo.eval ...` puts the working directory first on
+    sys.path), `kernels` must be Hugging Face's package where it is installed: transformers
+    depends on it and imports names from it while loading any model (it failed with
+    "cannot import name 'CUDAProperties' from 'kernels' (.../kernels/__init__.py)"), and the
+    axpo ops must still work."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import sys, kernels, torch\n"
+            "from transformers import Qwen3VLForConditionalGeneration\n"
+            "import axpo.kernels as ak\n"
+            "x = torch.randn(3, 7, requires_grad=True)\n"
+            "ak.clipped_policy_loss(x, x.detach(), torch.ones(3, 7), torch.ones(3, 7))[0].backward()\n"
+            "print(kernels.__file__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    here = os.path.join(root, "kernels")
+    hf = importlib.util.find_spec("kernels", [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root])
+    if hf is not None and not os.path.abspath(hf.origin or "").startswith(here):
+        assert not out.stdout.strip().startswith(here), "bare `kernels` is this checkout's folder, not HF's"
