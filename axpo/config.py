@@ -39,6 +39,9 @@ class ModelConfig:
     attn_implementation: str = "sdpa"         # "flash_attention_2" when flash-attn is installed
     freeze_vision: bool = False
     activation_checkpointing: bool = False
+    # The trained policy's text MLPs and RMSNorms save fewer activations for backward (same values,
+    # recomputed in backward; axpo/lean_activations.py). Off: Hugging Face's forwards.
+    lean_activations: bool = True
 
 
 @dataclass

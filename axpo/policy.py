@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from axpo.kernels import linear_logprob_entropy
+from axpo.lean_activations import install_lean_activations
 
 
 @dataclass
@@ -211,9 +212,13 @@ class _PrefixKV:
 
 
 class PolicyModel(nn.Module):
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, *, lean_activations: bool = True):
         super().__init__()
         self.hf = hf_model
+        if lean_activations:
+            # The text decoder's MLPs and norms save fewer tensors for backward, same values
+            # (axpo/lean_activations.py). In place, on hf_model: done before `shard` wraps layers.
+            install_lean_activations(hf_model)
         # Under FSDP every rank must run the vision tower in every forward (its parameters are
         # all-gathered inside it); set by distributed.shard.
         self.always_run_vision = False

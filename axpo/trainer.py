@@ -114,7 +114,8 @@ class Trainer:
             full.to(self.d.device)   # broadcast from device tensors (no host copy per tensor)
         if cfg.model.freeze_vision:
             skeleton.model.visual.requires_grad_(False)
-        self.policy = distributed.shard(PolicyModel(skeleton), self.d, mixed_precision=dtype == torch.float32,
+        self.policy = distributed.shard(PolicyModel(skeleton, lean_activations=cfg.model.lean_activations), self.d,
+                                        mixed_precision=dtype == torch.float32,
                                         activation_checkpointing=cfg.model.activation_checkpointing)
         materialize(self.policy, self.d.device)
         load_full_weights(self.policy, full, self.d)

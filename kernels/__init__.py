@@ -6,6 +6,9 @@ Public API:
     grouped_policy_loss                         policy loss, separate and fused
     linear_policy_loss                        - fused LM head + clipped policy loss (3 GEMMs,
                                                 gradients computed in the forward)
+    swiglu_down, rms_norm                     - the decoder's MLP tail and RMSNorm saving fewer
+                                                activations for backward (plain PyTorch
+                                                autograd Functions, recompute in backward)
 
 CUDA tensors run the Triton kernels, other tensors a chunked PyTorch path;
 `AXPO_KERNEL_BACKEND=triton|torch|auto` forces either (see dispatch.py). The plain PyTorch
@@ -14,6 +17,8 @@ references live in `axpo.kernels.reference`.
 Every op is a torch.library custom op (namespace `axpo`, e.g. `torch.ops.axpo.logprob_entropy_fwd`)
 with a fake implementation and registered autograd, so the public functions trace under
 FakeTensorMode (any device) and torch.compile(fullgraph=True) without graph breaks.
+`swiglu_down` and `rms_norm` are the exception: plain `torch.autograd.Function`s of aten ops
+(nothing to hide from the tracer), which trace as they are.
 """
 
 if __name__ != "axpo.kernels":
@@ -51,6 +56,8 @@ else:
     from .linear_policy_loss import linear_policy_loss
     from .logprob_entropy import logprob_entropy
     from .policy_loss import clipped_policy_loss, group_advantages, grouped_policy_loss
+    from .rmsnorm import rms_norm
+    from .swiglu import swiglu_down
 
     __all__ = [
         "logprob_entropy",
@@ -59,6 +66,8 @@ else:
         "clipped_policy_loss",
         "grouped_policy_loss",
         "linear_policy_loss",
+        "swiglu_down",
+        "rms_norm",
         "backend_for",
         "HAS_TRITON",
     ]

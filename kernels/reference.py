@@ -118,3 +118,18 @@ def grouped_policy_loss_ref(
 ):
     adv = group_advantages_ref(rewards, group_ids, subgroup_ids=subgroup_ids, mode=mode, eps=eps)
     return clipped_policy_loss_ref(logp, old_logp, adv, mask, **loss_kwargs)
+
+
+def swiglu_down_ref(gate, up, weight, bias=None):
+    """Qwen3-VL's text MLP after its gate/up projections, as Hugging Face writes it:
+    `down_proj(act_fn(gate) * up)` with act_fn = SiLU. Autograd saves gate, up, silu(gate) and the
+    product; `axpo.kernels.swiglu_down` saves gate and up only."""
+    return F.linear(F.silu(gate) * up, weight, bias)
+
+
+def rms_norm_ref(x, weight, eps, *, compute_dtype=None):
+    """Hugging Face's Qwen3-VL RMSNorm line by line: statistics in fp32 (`compute_dtype`; float64
+    gives the ground truth), the normalised value cast back to the input dtype, then the weight."""
+    xf = x.to(compute_dtype or torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)

@@ -4,6 +4,10 @@ dtypes and devices checked), rejects a CPU tensor mixed into CUDA inputs, passes
 `torch.library.opcheck` on CPU, and runs under `torch.compile(fullgraph=True)` with gradients
 equal to eager.
 
+`swiglu_down` and `rms_norm` are plain autograd Functions of aten ops, no custom ops: here they
+only get the FakeTensorMode forward (tests/test_swiglu.py and tests/test_rmsnorm.py trace their
+backward on fake CPU tensors).
+
 Only forwards are traced on fake CUDA tensors: autograd on them aborts the process on a CPU-only
 build. Fake-tensor notes for CPU-only builds: Python indexing (`x[1:]`) and `Tensor.contiguous()`
 on a fake CUDA tensor take a CUDA device guard and fail, so the tests build inputs with `narrow`
@@ -21,6 +25,8 @@ from axpo.kernels import (
     linear_logprob_entropy,
     linear_policy_loss,
     logprob_entropy,
+    rms_norm,
+    swiglu_down,
 )
 
 F32, BF16, I64 = torch.float32, torch.bfloat16, torch.long
@@ -111,6 +117,19 @@ def _fake_linear_policy_loss():
         _is(st[k], ())
 
 
+def _fake_swiglu_down():
+    # No requires_grad: autograd on fake CUDA tensors aborts a CPU-only build (module docstring).
+    B, T, I, H = 2, 7, 96, 40
+    _is(swiglu_down(cuda(B, T, I, dtype=BF16), cuda(B, T, I, dtype=BF16), cuda(H, I, dtype=BF16),
+                    cuda(H, dtype=BF16)), (B, T, H), BF16)
+
+
+def _fake_rms_norm():
+    B, T, N, D = 2, 7, 4, 32
+    _is(rms_norm(cuda(B, T, N, D, dtype=BF16), cuda(D, dtype=BF16), 1e-6), (B, T, N, D), BF16)
+    _is(rms_norm(cuda(B, T, D, dtype=BF16), cuda(D), 1e-6), (B, T, D))   # fp32 weight promotes
+
+
 FAKE_CASES = {
     "logprob_entropy": _fake_logprob_entropy,
     "linear_logprob_entropy": _fake_linear_logprob_entropy,
@@ -118,6 +137,8 @@ FAKE_CASES = {
     "clipped_policy_loss": _fake_clipped_policy_loss,
     "grouped_policy_loss": _fake_grouped_policy_loss,
     "linear_policy_loss": _fake_linear_policy_loss,
+    "swiglu_down": _fake_swiglu_down,
+    "rms_norm": _fake_rms_norm,
 }
 
 
