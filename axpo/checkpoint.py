@@ -23,6 +23,7 @@ holds a full state dict beside its model (one bucket, `bucket_bytes`, is the pea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
@@ -61,6 +63,21 @@ def set_rng_state(s: dict) -> None:
 STAGE_ORDER = {"pretrain": 0, "sft": 1, "rl": 2}
 DCP_METADATA = ".metadata"   # torch.distributed.checkpoint's FileSystemWriter writes it last
 _NAME = re.compile(r"step_(pretrain|sft|rl)_(\d+)")
+
+
+@contextlib.contextmanager
+def _interrupts_surface():
+    """Ctrl-C while DCP writes or reads: DCP catches every BaseException of a rank's part and
+    re-raises it as a CheckpointException (with a multi-rank traceback), so the trainer's
+    KeyboardInterrupt handling (one line naming the last complete checkpoint, exit 130) never saw
+    it. Turn it back into the KeyboardInterrupt it was; the half-written folder has no meta.json,
+    so it never counts as complete."""
+    try:
+        yield
+    except CheckpointException as e:
+        if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+            raise KeyboardInterrupt from e
+        raise
 
 
 class CheckpointError(RuntimeError):
@@ -163,7 +180,8 @@ class Checkpointer:
             (path / "meta.json").unlink(missing_ok=True)
         self._barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        with _interrupts_surface():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         torch.save(rng_state(), path / f"rng_rank{self.d.rank}.pt")
         self._barrier()
         if self.d.main:
@@ -199,7 +217,8 @@ class Checkpointer:
         meta = read_meta(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        with _interrupts_surface():
+            dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if scheduler is not None and meta.get("scheduler") is not None:
             scheduler.load_state_dict(meta["scheduler"])
@@ -212,7 +231,8 @@ class Checkpointer:
 def load_model_weights(model, path: str | Path) -> None:
     """Load only the model part of a DCP checkpoint (to evaluate it, or to start RL from it)."""
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
+    with _interrupts_surface():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
 
 
