@@ -9,7 +9,7 @@ that token (its logp, old logp, advantage, mask, the normaliser that the mask fi
 it is known as soon as a chunk's log-probs are. Each chunk therefore does, in the forward:
     logits = X_c W^T (+ b)                      GEMM 1 (into a reused workspace)
     row stats, logp, entropy, loss, dloss/dlogp the epilogue, on the workspace
-    dlogits (in place)                          the epilogue, continued
+    dlogits (in place, or a row factor; below)  the epilogue, continued
     dX_c = dlogits W;  dW (+)= dlogits^T X_c    GEMMs 2 and 3
 and the backward only scales the stored dX, dW, db by the upstream gradient of the loss (a
 scalar; skipped on CPU when it is exactly 1). `linear_logprob_entropy` cannot do this: its
@@ -22,10 +22,16 @@ loss is never backpropagated wastes them); the backward may run once (it scales 
 Entropy is returned for logging (`stats["entropy"]`), detached: no entropy bonus.
 
 CPU fp32 (the PyTorch path) has its own epilogue (`_torch_epilogue`): per row block in cache,
-max, exp (kept in the workspace), sum and the entropy dot product; then per chunk the loss and
-one in-place multiply turn the stored exponentials into dlogits, so exp runs once per logit for
-forward and backward together. Other dtypes and the Triton backend chain the row ops of
-logprob_entropy.py (`axpo::logprob_entropy_fwd`, the loss op, `axpo::logprob_entropy_bwd_inplace_`).
+max, exp (kept in the workspace), sum and the entropy dot product, so exp runs once per logit for
+forward and backward together. The workspace then never becomes dlogits: with a = -g / (s T) per
+row (g = dloss/dlogp, s the row's sum of exponentials), dlogits = a (e - s 1[j = y]), so the
+epilogue only writes e_y - s at each target (one element per row) and GEMMs 2 and 3 scale their
+small [chunk, H] operands by a instead: dX_c = a (E' W), dW += E'^T (a X_c), db += E'^T a. That
+saves a full multiply pass over the [chunk, V] workspace per chunk, and keeps the target term in
+the buffer (unlike adding g W_y to dX and g X_c to dW afterwards, which for p_y ~ 1 would cancel
+two large GEMM results). Other dtypes and the Triton backend chain the row ops of
+logprob_entropy.py (`axpo::logprob_entropy_fwd`, the loss op, `axpo::logprob_entropy_bwd_inplace_`)
+and form dlogits in place.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ import torch
 from . import dispatch
 from .dispatch import backend_for, check_same_device, contiguous
 from .linear_logprob_entropy import check_head_args, chunk_tokens_for, logits_chunk, mm_acc
-from .logprob_entropy import _CLAMP, _SCRATCH_ELEMS, logprob_entropy_bwd_inplace_op, logprob_entropy_fwd_op
+from .logprob_entropy import _SCRATCH_ELEMS, logprob_entropy_bwd_inplace_op, logprob_entropy_fwd_op
 from .policy_loss import _AGGS, N_PARTIALS, _loss_torch, _row_scale, policy_loss_op
 
-# Workspace for one logits chunk (the only [chunk, V] buffer: dlogits are written in place).
+# Workspace for one logits chunk (the only [chunk, V] buffer: exponentials and dlogits, or what
+# scales to dlogits, are written in place).
 # CPU: the memory target is an incremental peak of at most 0.6x Liger's fused GRPO loss, whose
 # peak is dW (fp32 [V, H]) plus ~0.7 GiB at N=4096, H=1024, V=151936; ours is dW plus this
 # workspace plus ~20 MiB. Measured (benchmarks/bench_kernels.py, AMD EPYC, 1 thread, CPU clock):
@@ -50,12 +57,16 @@ ROW_BLOCK_ELEMS = _SCRATCH_ELEMS
 
 
 def _torch_epilogue(buf, tgt, old, adv, mask, ref, row_scale, inv_t, clip_low, clip_high, beta, want_ent, grad,
-                    scratch):
-    """fp32 logits chunk `buf` [n, V] -> (logp [n], entropy [n] or None, parts [5]); with `grad`
-    `buf` becomes dlogits of the chunk's loss in place. The math of logprob_entropy.py relative to
-    the row max (z' = z / T - m, e = exp(z'), s = sum e, t = sum e z'), then
-    logp = z'_y - log s, H = log s - t / s, and dz = (g / T) (1[j = y] - e / s), g = dloss/dlogp.
-    `scratch` [rows, V] fp32: one row block (`epilogue_scratch`)."""
+                    scratch, scale_out=None):
+    """fp32 logits chunk `buf` [n, V] -> (logp [n], entropy [n] or None, parts [5]). The math of
+    logprob_entropy.py relative to the row max (z' = z / T - m, e = exp(z'), s = sum e,
+    t = sum e z'), then logp = z'_y - log s, H = log s - t / s, and
+    dz = (g / T) (1[j = y] - e / s) = a (e - s 1[j = y]) with a = -g / (s T), g = dloss/dlogp.
+    With `grad`, `buf` becomes e - s 1[j = y] and `scale_out` [n] receives a, so that
+    dlogits = a[:, None] * buf (the caller scales the small [n, H] GEMM operands instead of `buf`);
+    without `scale_out`, `buf` becomes dlogits in place. A row without gradient has a = 0, and its
+    `buf` row is zeroed if it is not finite. `scratch` [rows, V] fp32: one row block
+    (`epilogue_scratch`)."""
     n, V = buf.shape
     dev = buf.device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -63,30 +74,38 @@ def _torch_epilogue(buf, tgt, old, adv, mask, ref, row_scale, inv_t, clip_low, c
     valid = (tgt >= 0) & (tgt < V)
     tgt_c = torch.where(valid, tgt, torch.zeros_like(tgt)).unsqueeze(1)
     m = torch.empty(n, 1, **f32)
-    zy = torch.empty(n, 1, **f32)
+    zy = torch.gather(buf, 1, tgt_c)  # once per chunk; scaled like the row (same rounding)
+    if inv_t != 1.0:
+        zy.mul_(inv_t)
     s = torch.empty(n, **f32)
     t = torch.empty(n, **f32) if want_ent else None
     rows = scratch.shape[0]
-    # torch.sum and vecdot (which sums e * d with torch's cascade sum) keep logp and entropy within
+    # At V=151936 a row block is one row, so each op here runs once per token (4096 times at
+    # N=4096): as few ops as possible, with the row views made in one call per chunk (split).
+    # torch.sum of the exponentials and of e * d (torch's cascade sum) keep logp and entropy within
     # ~1.5e-6 of fp64 at V=151936; one GEMV of [ones; d] with e is ~12% faster here but only as
-    # accurate as PyTorch's own fp32 log_softmax (3.3e-5), so it is not used.
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        z = buf[r0:r1]
+    # accurate as PyTorch's own fp32 log_softmax (3.3e-5), so it is not used. e * d is formed in
+    # the scratch (what linalg.vecdot computes, bit for bit, but vecdot allocates a [V] temporary
+    # per call: ~0.25 s at N=4096). A logit of -inf (or one so far below the max that z - m
+    # overflows) gives e = 0 and d = -inf, so e * d = NaN: nansum counts it as the 0 it is
+    # (instead of clamping d, which was one more pass over the row); a NaN logit still makes s NaN.
+    zs = buf.split(rows)
+    ms = m.split(rows)
+    ss = s.split(rows)
+    ts = t.split(rows) if want_ent else ss
+    ds = [scratch] * (len(zs) - 1) + [scratch[: zs[-1].shape[0]]] if zs else []
+    for z, mr, sr, tr, d in zip(zs, ms, ss, ts, ds):
         if inv_t != 1.0:
             z.mul_(inv_t)
-        torch.amax(z, 1, keepdim=True, out=m[r0:r1])
-        torch.gather(z, 1, tgt_c[r0:r1], out=zy[r0:r1])
+        torch.amax(z, 1, keepdim=True, out=mr)
         if want_ent:
-            d = scratch[: r1 - r0]
-            torch.sub(z, m[r0:r1], out=d)
-            d.clamp_(min=_CLAMP)  # exp() is 0 below it anyway; keeps 0 * (-inf) out of t
+            torch.sub(z, mr, out=d)
             torch.exp(d, out=z)  # the workspace now holds the exponentials
-            torch.sum(z, 1, out=s[r0:r1])
-            torch.linalg.vecdot(z, d, out=t[r0:r1])
+            torch.sum(z, 1, out=sr)
+            torch.nansum(d.mul_(z), 1, out=tr)
         else:
-            z.sub_(m[r0:r1]).exp_()
-            torch.sum(z, 1, out=s[r0:r1])
+            z.sub_(mr).exp_()
+            torch.sum(z, 1, out=sr)
     log_s = torch.log(s)
     zero = torch.zeros((), **f32)
     logp = torch.where(valid, zy.squeeze(1) - m.squeeze(1) - log_s, zero)
@@ -95,13 +114,22 @@ def _torch_epilogue(buf, tgt, old, adv, mask, ref, row_scale, inv_t, clip_low, c
                             ref.unsqueeze(1) if ref is not None else None, row_scale, clip_low, clip_high, beta)
     if grad:
         gl = torch.where(valid, dl.squeeze(1).to(torch.float32) * inv_t, zero)  # dloss/dz_y = g / T
-        buf.mul_((torch.where(gl == 0, zero, -gl / s)).unsqueeze(1))  # exponentials -> -g p / T
-        buf.scatter_add_(1, tgt_c, gl.unsqueeze(1))
-        # A row without gradient whose logits were not finite (garbage behind a mask) would hold
+        none = gl == 0
+        a = torch.where(none, zero, -gl / s)
+        # The target term stays in the buffer: E'_y = e_y - s, so a E'_y = (g / T) (1 - p_y). For
+        # p_y ~ 1 that is the small difference of e_y and the rounded s, as (g / T) (1 - e_y / s)
+        # was, and the GEMMs only see small values. (Adding g W_y to dX_c and g X_c to rows y of
+        # dW after the GEMMs instead cancels large results: measured 1.5-5x the error on such rows.)
+        buf.scatter_add_(1, tgt_c, torch.where(none, zero, -s).unsqueeze(1))
+        # A row without gradient whose logits were not finite (garbage behind a mask) would give
         # 0 * NaN: zero it explicitly. One host sync per chunk, on the PyTorch path only.
-        bad = (gl == 0) & ~torch.isfinite(s)
+        bad = none & ~torch.isfinite(s)
         if bool(bad.any()):
             buf.index_fill_(0, bad.nonzero().squeeze(1), 0.0)
+        if scale_out is None:
+            buf.mul_(a.unsqueeze(1))
+        else:
+            scale_out.copy_(a)
     return logp, ent, parts
 
 
@@ -142,14 +170,21 @@ def _forward(hidden, weight, bias, targets, old, adv, mask, ref, row_scale, inv_
     ws = empty(min(chunk, max(N, 1)), V, device=dev, dtype=dt)
     fast = dt == torch.float32 and backend_for(hidden) == "torch"
     scratch = epilogue_scratch(V, dev) if fast else None
+    # fast path: the epilogue leaves E' = e - s 1[j = y] in the workspace and the row factor `a`
+    # (dlogits = a E'); a scales the [chunk, H] operands: dX_c = a (E' W), dW += E'^T (a X_c),
+    # db += E'^T a. That saves a pass over the [chunk, V] workspace per chunk. a X_c is formed in
+    # dX_c's rows (GEMM 3 runs before GEMM 2 overwrites them), so no extra memory.
+    scale = empty(min(chunk, max(N, 1)) if fast and grad else 0, device=dev, dtype=torch.float32)
+    xs_tmp = empty(min(chunk, max(N, 1)) if fast and need_w and not need_x else 0, H, device=dev, dtype=dt)
     for i, c0 in enumerate(range(0, N, chunk)):
         c1 = min(N, c0 + chunk)
         x = hidden[c0:c1]
         buf = logits_chunk(x, weight, bias, ws[: c1 - c0])
         args = (buf, targets[c0:c1], old[c0:c1], adv[c0:c1], mask[c0:c1], ref[c0:c1] if ref is not None else None,
                 row_scale[c0:c1], inv_t, clip_low, clip_high, beta, want_ent, grad)
+        a = scale[: c1 - c0] if scale.numel() else None
         if fast:
-            lp, en, pc = _torch_epilogue(*args, scratch)
+            lp, en, pc = _torch_epilogue(*args, scratch, scale_out=a)
         else:
             lp, en, pc = _generic_epilogue(*args)
         logp[c0:c1] = lp
@@ -158,12 +193,20 @@ def _forward(hidden, weight, bias, targets, old, adv, mask, ref, row_scale, inv_
         parts.add_(pc.to(torch.float32))
         if not grad:
             continue
+        if need_w:
+            xs = x
+            if a is not None:
+                xs = torch.mul(x, a.unsqueeze(1), out=dx[c0:c1] if need_x else xs_tmp[: c1 - c0])
+            mm_acc(dw, buf.t(), xs, first=i == 0)
         if need_x:
             torch.mm(buf, weight, out=dx[c0:c1])
-        if need_w:
-            mm_acc(dw, buf.t(), x, first=i == 0)
+            if a is not None:
+                dx[c0:c1].mul_(a.unsqueeze(1))
         if has_b:
-            db.add_(buf.sum(0, dtype=torch.float32))
+            if a is not None:
+                db.addmv_(buf.t(), a)
+            else:
+                db.add_(buf.sum(0, dtype=torch.float32))
     if dw.dtype != weight.dtype:
         dw = dw.to(weight.dtype)
     return parts, logp, ent, dx, dw, db.to(weight.dtype)
