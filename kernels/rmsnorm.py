@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import rms_norm_ref
+
 
 def _stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x in fp32, rstd [..., 1]) by HF's ops: pow(2).mean, then rsqrt(var + eps)."""
@@ -62,7 +64,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     saving only x, the per-row rstd and the weight for backward (module docstring)."""
     if (not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
             or not (x.requires_grad or weight.requires_grad)):
-        # (Autocast: see swiglu.py.)
-        xf, rstd = _stats(x, eps)
-        return weight * (xf * rstd).to(x.dtype)
+        # (Autocast: see swiglu.py.) The same ops as the forward below, with nothing to save.
+        return rms_norm_ref(x, weight, eps)
     return _RMSNorm.apply(x, weight, eps)

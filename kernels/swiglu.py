@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import swiglu_down_ref
+
 
 class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
@@ -69,5 +71,5 @@ def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor,
     if (not torch.is_grad_enabled() or torch.is_autocast_enabled(gate.device.type)
             or not any(t is not None and t.requires_grad for t in (gate, up, weight, bias))):
         # Autocast would cast inside forward only (backward runs outside it): leave it to autograd.
-        return F.linear(F.silu(gate) * up, weight, bias)
+        return swiglu_down_ref(gate, up, weight, bias)
     return _SwiGLUDown.apply(gate, up, weight, bias)
