@@ -681,11 +681,17 @@ n = 0
 try:
     while n < 200000:
         open(f'f{n}', 'w').close(); n += 1
-        if n == 10000:           # the cap is 2000 (polled): 10000 means it did not hold
+        if n > 2000:             # the cap is 2000 files + folders, a kernel limit (tmpfs nr_inodes)
             ESC('created', n, 'files'); break
 except OSError as e: print(e)
 print('files', n)
 """, kinds={"output_limit", "timeout", "runtime_error"}),
+    case("inode_cap_is_the_kernels", """
+st = os.statvfs('.')          # the working tmpfs itself says how many inodes it may ever hold
+if st.f_files != 2001:        # max_files 2000 + the folder itself
+    ESC('the working folder has no kernel inode cap:', st.f_files, 'inodes')
+print('inodes', st.f_files)
+""", kinds={None}),
     case("deep_directories", """
 try:
     for i in range(3000):

@@ -311,3 +311,36 @@ def test_working_folder_is_capped(tool):
     assert r.error == "output_limit" and "full" in r.text
     r = tool.run("n = 0\nwhile True:\n    open(f'f{n}', 'w').close(); n += 1")
     assert r.error == "output_limit" and "files" in r.text
+
+
+@needs_sandbox
+def test_working_folder_file_cap_is_a_kernel_limit(tool):
+    # tmpfs nr_inodes: file 2001 is refused by the kernel (ENOSPC), however fast the code is.
+    r = tool.run("import os\nst = os.statvfs('.')\nprint(st.f_files)")
+    assert r.error is None and r.text.strip() == str(tool.cfg.max_files + 1)
+    r = tool.run("n = 0\ntry:\n    while n < 100000:\n        open(f'f{n}', 'w').close(); n += 1\n"
+                 "except OSError as e:\n    print(e)\nprint('made', n)")
+    assert r.error == "output_limit" and "No space left" in r.text
+    made = int(r.text.rsplit("made", 1)[1])
+    assert made < tool.cfg.max_files
+
+
+@needs_sandbox
+def test_refused_launcher_falls_back_to_a_polled_file_cap(caplog, monkeypatch):
+    # A host whose policy refuses `unshare --user` (but allows bwrap): the launcher's mount fails;
+    # the tool keeps working with bwrap's own tmpfs and says that its file cap is only polled.
+    import dataclasses
+    tool = PythonSandboxTool(SandboxConfig(wall_timeout_s=2.0))
+    real = tool._make_layout
+
+    def refused():
+        lay = real()
+        return dataclasses.replace(lay, stage_dir=None, run_as=None, work_mount="/nonexistent/axpo-work")
+
+    monkeypatch.setattr(tool, "_make_layout", refused)
+    with caplog.at_level("WARNING", logger="axpo.tools.python_sandbox"):
+        tool.check()
+    assert tool._layout.work_mount is None
+    assert any("polled" in m for m in caplog.messages)
+    r = tool.run("n = 0\nwhile True:\n    open(f'f{n}', 'w').close(); n += 1")
+    assert r.error == "output_limit" and "files" in r.text

@@ -147,5 +147,9 @@ for _stream in (sys.stdout, sys.stderr):
         _stream.flush()
     except (OSError, ValueError):
         pass
-_send(b"S", json.dumps({"kind": kind, "message": message[-2000:]}).encode())
+try:  # the working folder's inode cap was reached (its tmpfs has no free inode left)
+    _files_full = os.statvfs(WORKDIR).f_ffree == 0
+except OSError:
+    _files_full = False
+_send(b"S", json.dumps({"kind": kind, "message": message[-2000:], "files_full": _files_full}).encode())
 os._exit(0)  # skip interpreter teardown: nothing left to flush, and it could fail the same way

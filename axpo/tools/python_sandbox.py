@@ -10,8 +10,12 @@ sandbox. Every call gets a fresh sandbox:
   /bin, /lib* links), a few /etc files for the dynamic loader, the interpreter's prefixes and
   site-packages; its own /proc (its own pid namespace: the trainer is not visible), a minimal
   /dev, no /sys, no host sockets, a network namespace with only a loopback interface;
-- a private tmpfs working folder capped in bytes (`--size`) and in files (polled by the parent),
-  gone when the call ends;
+- a private tmpfs working folder capped by the kernel in bytes (`size=`) and in files and folders
+  (`nr_inodes=`), gone when the call ends. bwrap cannot pass `nr_inodes`, so a launcher mounts
+  the tmpfs in a private mount namespace first (`unshare --mount`, plus `--user --map-root-user`
+  when the trainer is not root) and bwrap binds it. Where that launcher cannot run (a host that
+  refuses `unshare --user` to unprivileged users but allows bwrap), the folder falls back to
+  bwrap's own `--tmpfs --size` with the file count polled by the parent, and a warning says so;
 - rlimits (CPU, address space, file size, open files, processes: `max_processes=1` = no fork, no
   threads), a seccomp filter on x86-64 (ptrace, keyrings, bpf, perf, io_uring, userfaultfd,
   memfd, mount API, namespace flags, ...), and an environment cleared to a short whitelist;
@@ -36,9 +40,11 @@ See `_sandbox_child.py` for the runner inside the sandbox.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
+import logging
 import os
 import platform
 import pwd
@@ -61,6 +67,8 @@ from PIL import Image
 
 from axpo.tools.base import ToolContext, ToolResult, function_schema
 from axpo.tools.image_zoom import ZoomConfig, fit_to_grid
+
+log = logging.getLogger(__name__)
 
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
 
@@ -111,7 +119,7 @@ class SandboxConfig:
     tmp_root: str = ""               # parent folder of the tool's own temp dirs (default: system temp)
     extra_env: dict[str, str] = field(default_factory=dict)
     work_mb: int = 64                # tmpfs size of the sandbox's working folder
-    max_files: int = 2000            # files + folders in the working folder (polled; a few hundred over is possible)
+    max_files: int = 2000            # files + folders in the working folder (tmpfs nr_inodes: a kernel limit)
     bwrap: str = ""                  # path of bwrap (default: found on PATH)
     seccomp: bool = True             # the syscall filter (x86-64 only; elsewhere namespaces and rlimits only)
 
@@ -221,8 +229,10 @@ _RUNNER_DIR = "/.axpo"  # job.json, child.py and the matplotlib font cache, read
 _FRAME = struct.Struct(">cI")  # result frames from the runner: tag (b"S" status, b"F" figure), length
 _FIGURE_CAP = 4 << 20          # bytes per figure PNG
 _STAGE_SCRIPT = r"""set -e
-stage=$1; uid=$2; gid=$3; n=$4; shift 4
+stage=$1; uid=$2; gid=$3; size=$4; inodes=$5; n=$6; shift 6
 mount -t tmpfs -o mode=0755,size=64k axpo-stage "$stage"
+mkdir "$stage/work"
+mount -t tmpfs -o "mode=0700,uid=$uid,gid=$gid,size=$size,nr_inodes=$inodes" axpo-work "$stage/work"
 i=0
 while [ "$i" -lt "$n" ]; do
   if [ -d "$1" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
@@ -230,6 +240,15 @@ while [ "$i" -lt "$n" ]; do
   shift; i=$((i + 1))
 done
 exec setpriv --reuid="$uid" --regid="$gid" --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs -- "$@"
+"""
+# The trainer is not root: a user namespace of its own (its uid mapped to 0 there), whose root
+# mounts the working tmpfs with its caps over an empty folder of the tool's temp dir, in a private
+# mount namespace, then runs bwrap (without capabilities: exec as uid 0 of that namespace keeps
+# them, so bwrap is told --cap-drop ALL and nests its own user namespace as usual).
+_WORK_SCRIPT = r"""set -e
+mount -t tmpfs -o "mode=0700,size=$2,nr_inodes=$3" axpo-work "$1"
+shift 3
+exec "$@"
 """
 
 
@@ -242,6 +261,8 @@ class _Layout:
     bwrap: str
     run_as: tuple[int, int] | None  # (uid, gid) bwrap runs as (trainer is root), or None
     stage_dir: str | None       # mount point for the launcher's private binds (trainer is root)
+    work_mount: str | None = None   # trainer not root: the empty folder the launcher mounts the
+                                    # working tmpfs over; None = bwrap's own --tmpfs (polled count)
 
 
 class PythonSandboxTool:
@@ -301,6 +322,15 @@ class PythonSandboxTool:
                 return
             self._layout = layout
             probe = self._execute("print('ok')", (), probe=True)
+            if (probe.error or probe.text.strip() != "ok") and layout.work_mount is not None:
+                # This host refuses the launcher's user namespace (e.g. an AppArmor policy that
+                # allows bwrap only): keep the sandbox, with the file count polled instead.
+                first = probe.text.strip()[:300]
+                self._layout = dataclasses.replace(layout, work_mount=None)
+                probe = self._execute("print('ok')", (), probe=True)
+                if not probe.error and probe.text.strip() == "ok":
+                    log.warning("python sandbox: the working folder's file cap is polled, not a kernel "
+                                "limit (`unshare --user --map-root-user --mount` failed here: %s)", first)
             if probe.error or probe.text.strip() != "ok":
                 self._layout = None
                 self._unavailable = (f"{INSTALL_HINT}. A test sandbox failed here: "
@@ -350,7 +380,12 @@ class PythonSandboxTool:
                                          "(util-linux and mount packages)")
             stage = str(self._tmpdir() / "stage")
             os.makedirs(stage, exist_ok=True)
-        return _Layout(python=python, binds=binds, work=work, bwrap=bwrap, run_as=run_as, stage_dir=stage)
+        work_mount = None
+        if stage is None and shutil.which("unshare", path=os.defpath) and shutil.which("mount", path=os.defpath):
+            work_mount = str(self._tmpdir() / "work")
+            os.makedirs(work_mount, exist_ok=True)
+        return _Layout(python=python, binds=binds, work=work, bwrap=bwrap, run_as=run_as,
+                       stage_dir=stage, work_mount=work_mount)
 
     def _matplotlib_cache(self) -> Path | None:
         """Build matplotlib's font list once per tool; each plotting call gets a copy (without it
@@ -408,7 +443,15 @@ class PythonSandboxTool:
             a += ["--ro-bind", src(b), b]
         if want_mpl and (cache := self._matplotlib_cache()):
             a += ["--ro-bind", src(str(cache)), f"{_RUNNER_DIR}/mpl"]
-        a += ["--proc", "/proc", "--dev", "/dev", "--size", str(cfg.work_mb << 20), "--tmpfs", lay.work]
+        a += ["--proc", "/proc", "--dev", "/dev"]
+        if lay.stage_dir is not None:
+            a += ["--bind", f"{lay.stage_dir}/work", lay.work]
+        elif lay.work_mount is not None:
+            # The sandbox keeps the trainer's uid and gid numbers (bwrap runs as 0 of the launcher's
+            # namespace, which is the trainer's uid on the host).
+            a += ["--uid", str(os.getuid()), "--gid", str(os.getgid()), "--bind", lay.work_mount, lay.work]
+        else:
+            a += ["--size", str(cfg.work_mb << 20), "--tmpfs", lay.work]
         # /tmp points into the private working folder, unless an interpreter path is bound under
         # /tmp (a venv or checkout there): then /tmp already exists in the sandbox, read-only, and
         # TMPDIR alone sends temporary files to the working folder.
@@ -429,12 +472,17 @@ class PythonSandboxTool:
             a += ["--seccomp", str(fds["seccomp"])]
         a += ["--remount-ro", "/", "--remount-ro", "/dev",
               "--", lay.python, "-I", "-B", "-X", "utf8", f"{_RUNNER_DIR}/child.py"]
-        if lay.stage_dir is None:
-            return a
-        uid, gid = lay.run_as
-        return [shutil.which("unshare", path=os.defpath), "--mount", "--propagation", "private", "--",
-                "/bin/sh", "-c", _STAGE_SCRIPT, "axpo-sandbox", lay.stage_dir, str(uid), str(gid),
-                str(len(sources)), *sources, *a]
+        size, inodes = str(cfg.work_mb << 20), str(cfg.max_files + 1)  # + 1: the folder itself
+        unshare = shutil.which("unshare", path=os.defpath)
+        if lay.stage_dir is not None:
+            uid, gid = lay.run_as
+            return [unshare, "--mount", "--propagation", "private", "--",
+                    "/bin/sh", "-c", _STAGE_SCRIPT, "axpo-sandbox", lay.stage_dir, str(uid), str(gid),
+                    size, inodes, str(len(sources)), *sources, *a]
+        if lay.work_mount is not None:
+            return [unshare, "--user", "--map-root-user", "--mount", "--propagation", "private", "--",
+                    "/bin/sh", "-c", _WORK_SCRIPT, "axpo-sandbox", lay.work_mount, size, inodes, *a]
+        return a
 
     def _execute(self, code: str, preload, probe: bool = False) -> ToolResult:
         cfg, lay = self.cfg, self._layout
@@ -506,7 +554,9 @@ class PythonSandboxTool:
             stderr = ""
         elif run.timed_out:
             error, note = "timeout", f"the code ran longer than {cfg.wall_timeout_s:g} s and was stopped"
-        elif run.too_many_files:
+        elif run.too_many_files or status.get("files_full") is True:
+            # The kernel refused file max_files + 1 (ENOSPC); the runner reports the full folder
+            # (its word only labels the error: the cap itself is the kernel's).
             error, note = "output_limit", f"the code created more than {cfg.max_files} files and was stopped"
         elif run.output_overflow:
             error, note = "output_limit", f"the code wrote more than {cfg.max_file_mb} MB of output and was stopped"
