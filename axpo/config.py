@@ -34,6 +34,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "tiny"                        # "tiny" (built-in, from a config) or a hub id / local folder
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # Starting weights of the built-in tiny model: "copy", the shipped copy-pretrained text weights
+    # (axpo/copy_base.py; default tiny sizes only), or "random" (seed init: set pretrain.steps, e.g.
+    # 3000, so that tool calls can copy values at all). Ignored for other models.
+    tiny_base: Literal["copy", "random"] = "copy"
     # Compute dtype. bfloat16/float16 train with fp32 master weights (FSDP2 mixed precision).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str = "sdpa"         # "flash_attention_2" when flash-attn is installed
@@ -188,9 +192,10 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    # Copy pre-training of the tiny base (axpo/pretrain.py); 0 for a real pretrained checkpoint.
+    # Copy pre-training (axpo/pretrain.py): 0 for the shipped copy-pretrained base (model.tiny_base
+    # copy) and for real pretrained checkpoints; about 3000 steps make a random tiny base copy.
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=750, lr=1.5e-3, questions_per_step=32, checkpoint_every=250))
+        steps=0, lr=1.5e-3, questions_per_step=32, checkpoint_every=250))
     sft: StageConfig = field(default_factory=lambda: StageConfig(steps=350, lr=3e-3, questions_per_step=16))
     rl: StageConfig = field(default_factory=lambda: StageConfig(steps=30, lr=2e-4, questions_per_step=8))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

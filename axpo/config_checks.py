@@ -48,6 +48,17 @@ def _vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _copy_base_fits(c) -> bool:
+    if c.model.name != "tiny" or c.model.tiny_base != "copy":
+        return True
+    from axpo.copy_base import CopyBaseError, sizes_mismatch
+
+    try:
+        return sizes_mismatch(c.model.tiny) is None
+    except CopyBaseError:   # an unreadable asset: the model loader says so, naming the file
+        return True
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -66,6 +77,12 @@ def _stage_rules(name: str) -> list[Rule]:
 
 
 RULES: list[Rule] = [
+    # model
+    Rule("model.tiny_base", _copy_base_fits,
+         "the shipped copy-pretrained base (axpo/assets/tiny_copy_base.safetensors) fits only the default "
+         "tiny text sizes (model.tiny hidden_size, num_layers, num_heads, num_kv_heads, head_dim, "
+         "intermediate_size, tie_word_embeddings); with other sizes set model.tiny_base=random and "
+         "pretrain.steps (about 3000 make a tiny model copy)"),
     # rollout
     # vLLM: checked here, before any stage runs, rather than when the engine is built after loading.
     Rule("rollout.engine", lambda c: c.rollout.engine != "vllm" or _vllm_installed(),

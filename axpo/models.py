@@ -25,12 +25,20 @@ from axpo.tiny import (TinyModelConfig, build_tiny_model, build_tiny_processor, 
 
 
 def load_model_and_processor(name: str, *, seed: int = 0, tiny: TinyModelConfig | None = None,
-                             dtype: torch.dtype | None = None, attn_implementation: str | None = None):
-    """`name == "tiny"` builds the built-in model; otherwise a hub id or local folder (a saved tiny
-    model included) is loaded through the Auto classes."""
+                             dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+                             tiny_base: str = "random"):
+    """`name == "tiny"` builds the built-in model (`tiny_base`: "random" = seed init, "copy" = the
+    shipped copy-pretrained text weights, axpo/copy_base.py); otherwise a hub id or local folder (a
+    saved tiny model included) is loaded through the Auto classes."""
     if name == "tiny":
         processor = build_tiny_processor(tiny)
         model = build_tiny_model(seed, tiny, processor)
+        if tiny_base == "copy":
+            from axpo.copy_base import load_copy_base
+
+            load_copy_base(model, processor.tokenizer, tiny or TinyModelConfig())
+        elif tiny_base != "random":
+            raise ValueError(f"tiny_base must be 'copy' or 'random', got {tiny_base!r}")
         if dtype is not None:
             model = model.to(dtype)
         return model, processor
@@ -102,7 +110,8 @@ def _signature(model: nn.Module) -> dict[str, tuple]:
 
 
 def load_on_rank0(name: str, d, *, seed: int = 0, tiny: TinyModelConfig | None = None,
-                  dtype: torch.dtype | None = None, attn_implementation: str | None = None):
+                  dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+                  tiny_base: str = "random"):
     """(full model or None, meta skeleton, processor). Rank 0 (or the only process) loads the
     weights on CPU; every rank, rank 0 included, gets the architecture on the meta device to build
     its shards from. The skeletons are checked against rank 0's model (names, shapes, dtypes) and
@@ -112,7 +121,7 @@ def load_on_rank0(name: str, d, *, seed: int = 0, tiny: TinyModelConfig | None =
     full = None
     if d.main:
         full, processor = load_model_and_processor(name, seed=seed, tiny=tiny, dtype=dtype,
-                                                   attn_implementation=attn_implementation)
+                                                   attn_implementation=attn_implementation, tiny_base=tiny_base)
     else:
         processor = build_tiny_processor(tiny) if name == "tiny" else load_processor(name)
     skeleton = build_meta_model(name, tiny=tiny, dtype=dtype, attn_implementation=attn_implementation,

@@ -103,7 +103,8 @@ class Trainer:
         # on the meta device, shards it and allocates only its shards, which rank 0 fills.
         full, skeleton, self.processor = load_on_rank0(
             cfg.model.name, self.d, seed=cfg.trainer.seed, tiny=cfg.model.tiny, dtype=dtype,
-            attn_implementation=None if cfg.model.name == "tiny" else cfg.model.attn_implementation)
+            attn_implementation=None if cfg.model.name == "tiny" else cfg.model.attn_implementation,
+            tiny_base=cfg.model.tiny_base)
         self._skeleton = copy.deepcopy(skeleton)   # meta, unwrapped: the reference policy is built from it
         self.fmt = AgentFormat(self.processor)
         self.src = build_sources(cfg, self.fmt, tools=tools, reward=reward)

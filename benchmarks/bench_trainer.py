@@ -92,6 +92,7 @@ def _axpo_trainer(axpo_mode: bool, prompt: str, out_dir: str, steps: int):
     cfg = Config()
     cfg.model.name = "tiny"
     cfg.model.tiny = TinyModelConfig(vocab_size=512)
+    cfg.model.tiny_base = "random"   # the work: a random-init model
     r = cfg.rollout
     r.group_size, r.temperature, r.top_p, r.top_k = G, 1.0, 1.0, 0
     r.max_turn_tokens, r.max_turns, r.max_total_tokens = NEW_TOKENS, (2 if axpo_mode else 1), 4096

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["rl.steps=7", "algo.axpo=false", "optim.betas=[0.8, 0.9]", "model.tiny.num_layers=2"])
+    cfg = load_config(None, ["rl.steps=7", "algo.axpo=false", "optim.betas=[0.8, 0.9]", "model.tiny.num_layers=2",
+                             "model.tiny_base=random"])
     assert isinstance(cfg, Config)
     assert cfg.rl.steps == 7 and cfg.algo.axpo is False and cfg.optim.betas == (0.8, 0.9)
     assert cfg.model.tiny.num_layers == 2

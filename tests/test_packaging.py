@@ -39,6 +39,6 @@ def test_wheel_contains_axpo_kernels(tmp_path):
     wheel = next(tmp_path.glob("axpo-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for f in ("axpo/kernels/__init__.py", "axpo/kernels/logprob_entropy.py", "axpo/rollout/engine.py",
-              "axpo/train.py", "axpo/tools/_sandbox_child.py"):
+              "axpo/train.py", "axpo/tools/_sandbox_child.py", "axpo/assets/tiny_copy_base.safetensors"):
         assert f in names, f
     assert not any(n.startswith("kernels/") for n in names)
