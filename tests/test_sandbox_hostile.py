@@ -686,6 +686,13 @@ try:
 except OSError as e: print(e)
 print('files', n)
 """, kinds={"output_limit", "timeout", "runtime_error"}),
+    case("no_privileges_left", """
+st = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines() if ':' in l)
+caps = {k: int(st[k].strip(), 16) for k in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb')}
+if any(caps.values()) or st['NoNewPrivs'].strip() != '1' or st['Seccomp'].strip() != '2':
+    ESC('privileges left:', caps, 'NoNewPrivs', st['NoNewPrivs'].strip(), 'Seccomp', st['Seccomp'].strip())
+print('none')
+""", kinds={None}),
     case("inode_cap_is_the_kernels", """
 st = os.statvfs('.')          # the working tmpfs itself says how many inodes it may ever hold
 if st.f_files != 2001:        # max_files 2000 + the folder itself
