@@ -71,7 +71,11 @@ def read_metadata(path: str | Path = ASSET) -> dict:
 
 def sizes_mismatch(tiny, path: str | Path = ASSET) -> str | None:
     """Why `tiny`'s text sizes cannot take the asset, or None when they can."""
-    want = json.loads(read_metadata(path)["tiny_text_sizes"])
+    return _sizes_diff(tiny, read_metadata(path))
+
+
+def _sizes_diff(tiny, meta: dict) -> str | None:
+    want = json.loads(meta["tiny_text_sizes"])
     have = text_sizes(tiny)
     diff = {k: (have[k], want[k]) for k in want if have.get(k) != want[k]}
     if not diff:
@@ -86,7 +90,7 @@ def load_copy_base(model, tokenizer, tiny, path: str | Path = ASSET) -> dict:
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
-    if (why := sizes_mismatch(tiny, path)) is not None:
+    if (why := _sizes_diff(tiny, meta)) is not None:
         raise CopyBaseError(f"model.tiny_base = 'copy': the shipped base {path} was made for other tiny "
                             f"sizes: {why}; {REMEDY}")
     fp = tokenizer_fingerprint(tokenizer)
